@@ -1,0 +1,64 @@
+"""Shared fixtures: small datasets written in the real source formats by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lrd_dist.data.format import PLANTED_PAIRS
+from lrd_dist.data.prepare import write_dataset
+from lrd_dist.data.synth import SynthConfig, generate
+
+OFFICE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "office"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def write_rechorus(directory: Path, *, name: str = "Toy") -> Path:
+    """A tiny dataset in the ReChorus/LRD layout: 4 users, 6 items, 3 negatives per dev/test row."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "train.csv").write_text(
+        "user_id\titem_id\ttime\n"
+        "1\t1\t100\n2\t2\t100\n1\t2\t200\n3\t3\t200\n2\t3\t300\n1\t3\t300\n4\t1\t300\n3\t4\t400\n4\t2\t400\n"
+    )
+    (directory / "dev.csv").write_text(
+        "user_id\titem_id\ttime\tneg_items\n"
+        "1\t4\t500\t[5, 6, 6]\n2\t4\t500\t[1, 5, 6]\n3\t5\t500\t[1, 2, 6]\n4\t3\t500\t[4, 5, 6]\n"
+    )
+    (directory / "test.csv").write_text(
+        "user_id\titem_id\ttime\tneg_items\n"
+        "1\t5\t600\t[6, 6, 6]\n2\t5\t600\t[1, 6, 6]\n3\t6\t600\t[1, 2, 5]\n4\t4\t600\t[5, 6, 2]\n"
+    )
+    (directory / "item_meta.csv").write_text(
+        "item_id\ti_category\ti_brand\tr_complement\tr_substitute\n"
+        "3\t1\t2\t[1, 2]\t[]\n1\t1\t1\t[2]\t[3]\n2\t2\t1\t[]\t[]\n4\t2\t0\t[5, 6]\t[1]\n5\t0\t2\t[]\t[]\n6\t1\t0\t[]\t[4]\n"
+    )
+    (directory / f"{name}.text").write_text(
+        "id\ttext\n"
+        "A1\tBlue ballpoint pen\nA2\tPen refill, blue\nA3\tStapler heavy duty\nA4\tStaples box\n"
+        "A5\tDesk lamp LED\nA6\tLamp bulb\n"
+    )
+    (directory / f"{name}.item2index").write_text("A1\t1\nA2\t2\nA3\t3\nA4\t4\nA5\t5\nA6\t6\n")
+    return directory
+
+
+@pytest.fixture
+def rechorus_dir(tmp_path: Path) -> Path:
+    return write_rechorus(tmp_path / "toy")
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic dataset with several shards and a partial last block, shared by stream tests."""
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    catalog, interactions, planted = generate(SynthConfig(users=400, items=300, relations=4, seed=3))
+    write_dataset(
+        out, source="synth", catalog=catalog, interactions=interactions, max_history=12, num_negatives=20,
+        samples_per_shard=700, block_size=64, extra_tables={PLANTED_PAIRS: planted},
+    )
+    return out
+
+
+office = pytest.mark.skipif(not OFFICE.is_dir(), reason="../shared/datasets/office is not present")
