@@ -56,7 +56,7 @@ def test_ml100k_leave_one_out_and_sampled_negatives(tmp_path: Path) -> None:
     assert catalog.attributes["genre_drama"][4] == 1  # item 5 has Drama
     manifest = write_dataset(tmp_path / "out", source="movielens", catalog=catalog, interactions=interactions,
                              num_negatives=10, seed=7, max_history=20)
-    assert manifest.samples == {"train": 30 * 10, "dev": 30, "test": 30}
+    assert manifest.samples == {"train": 30 * 9, "dev": 30, "test": 30}  # 12 - first - dev - test
 
     by_user: dict[int, list[tuple[int, int]]] = {}
     for u, i, _, t in rows:
