@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,9 @@ class SequenceStream(IterableDataset):
                 expected += 1
                 if position >= stop and stop < shard.samples:
                     return
-        except (ValueError, OSError, KeyError, EOFError) as exc:
-            self._corrupt(shard, f"unreadable ({exc})", "restore the shard or prepare the dataset again",
+        except (tarfile.TarError, ValueError, OSError, KeyError, EOFError) as exc:
+            reason = str(exc.args[0]) if exc.args else type(exc).__name__
+            self._corrupt(shard, f"unreadable: truncated or damaged tar ({reason.split(' @ ')[0]})", "restore the shard or prepare the dataset again",
                           dropped=stop - position)
             return
         if position < stop:
