@@ -99,25 +99,43 @@ def sample_negatives(
     num_items: int,
     clicked_keys: np.ndarray,
     rng: np.random.Generator,
+    rows_per_step: int = 16_384,
 ) -> np.ndarray:
     """For each user, ``num_negatives`` distinct items from 1..num_items the user never interacted with.
 
     Rejection sampling on whole matrices: oversample, drop clicked items and repeats within a row,
     keep the first ``num_negatives`` survivors in random order; rows that fall short are redrawn
-    with a wider sample.
+    with a wider sample. Rows are processed ``rows_per_step`` at a time to bound memory.
     """
     out = np.empty((len(users), num_negatives), dtype=np.int32)
+    for start in range(0, len(users), rows_per_step):
+        stop = min(start + rows_per_step, len(users))
+        out[start:stop] = _sample_negatives(users[start:stop], num_negatives, num_items, clicked_keys, rng)
+    return out
+
+
+def _sample_negatives(users, num_negatives, num_items, clicked_keys, rng) -> np.ndarray:
+    out = np.empty((len(users), num_negatives), dtype=np.int32)
     todo = np.arange(len(users))
-    width = 2 * num_negatives + 16
+    # Oversample by the expected loss to clicked items and repeats, so that large catalogs (almost
+    # every draw usable) do not pay for a fixed 2x; short rows are redrawn wider.
+    users_total = int(clicked_keys[-1] // (num_items + 1)) if len(clicked_keys) else 1  # ids are dense
+    seen = len(clicked_keys) / max(users_total, 1)  # items per user, on average
+    usable_share = max(1e-3, (1 - seen / num_items) * (1 - num_negatives / (2 * num_items)))
+    width = int(num_negatives / usable_share * 1.1) + 8
     while len(todo):
         cand = rng.integers(1, num_items + 1, size=(len(todo), width), dtype=np.int64)
         keys = users[todo, None].astype(np.int64) * (num_items + 1) + cand
         found = np.searchsorted(clicked_keys, keys).clip(max=len(clicked_keys) - 1)
         clicked = clicked_keys[found] == keys
-        row_keys = (np.arange(len(todo), dtype=np.int64)[:, None] * (num_items + 1) + cand).ravel()
-        first = np.zeros(row_keys.shape, dtype=bool)
-        first[np.unique(row_keys, return_index=True)[1]] = True
-        usable = first.reshape(cand.shape) & ~clicked
+        # repeats within a row: a stable sort puts later occurrences after the first one
+        order = np.argsort(cand, axis=1, kind="stable")
+        ordered = np.take_along_axis(cand, order, axis=1)
+        repeat_sorted = np.zeros(cand.shape, dtype=bool)
+        repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        repeat = np.empty_like(repeat_sorted)
+        np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+        usable = ~repeat & ~clicked
         done = usable.sum(axis=1) >= num_negatives
         take = usable & (np.cumsum(usable, axis=1) <= num_negatives)
         out[todo[done]] = cand[done][take[done]].reshape(-1, num_negatives)

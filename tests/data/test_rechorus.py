@@ -16,9 +16,8 @@ from tests.conftest import OFFICE, office
 
 def _samples(directory: Path, split: str) -> dict[str, np.ndarray]:
     stream = SequenceStream(directory, split, LoaderConfig(batch_size=1000, shuffle=False, max_history=5))
-    batch = next(iter(stream))
-    keep = batch["valid"].numpy()
-    return {k: v.numpy()[keep] for k, v in batch.items()}
+    batch = next(iter(stream))  # the dataset itself yields numpy batches
+    return {k: v[batch["valid"]] for k, v in batch.items()}
 
 
 def test_toy_dataset_is_converted_with_rechorus_histories(rechorus_dir: Path, tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ def test_planted_relation_of_every_generated_pair_is_an_edge_of_the_graph(synth_
     for head, tail, relation in zip(planted["head"], planted["tail"], planted["relation"], strict=True):
         edges[(head, tail)] = edges[(tail, head)] = relation
     stream = SequenceStream(synth_dataset, "train", LoaderConfig(batch_size=100_000, shuffle=False, max_history=12))
-    batch = next(iter(stream))
-    relation, offset = batch["planted_relation"].numpy(), batch["planted_offset"].numpy()
-    length, history, target = batch["history_length"].numpy(), batch["history_items"].numpy(), batch["target"].numpy()
+    batch = next(iter(stream))  # numpy
+    relation, offset = batch["planted_relation"], batch["planted_offset"]
+    length, history, target = batch["history_length"], batch["history_items"], batch["target"]
     related = np.flatnonzero(relation > 0)
     assert 0.6 < len(related) / len(relation) < 0.95  # mostly relational steps, some jumps
     for row in related:
