@@ -19,9 +19,8 @@ hang). Instead:
 Resume: the position is (epoch, batches consumed on this rank), the same on every rank. Each worker
 replays its deterministic stream and drops the batches it had already delivered (``worker_progress``
 computes how many from the round-robin order), and the worker roles are rotated so that the
-DataLoader's round-robin continues with the worker that was next. Resuming needs the same world
-size, ``num_workers``, batch size and seed; with other values the position is mapped to the fraction
-of the epoch already seen and the rest of the epoch is re-split (see ``docs/data.md``).
+DataLoader's round-robin continues with the worker that was next. Exact resume needs the same world
+size, ``num_workers``, batch size and seed (the checkpoint records them); see ``docs/data.md``.
 
 Corrupt data: shards are checked against the manifest's sha256 before they are read and the samples
 read are counted against the manifest (a tar truncated inside a member otherwise ends silently).

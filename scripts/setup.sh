@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned torch first, then lrd_dist and its dev tools, never upgrading torch.
+# GPU machines: install the CUDA build of torch 2.13.0 first (same pin), then run this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
