@@ -32,10 +32,17 @@ def step_office(out: Path) -> dict:
 
     started = time.perf_counter()
     catalog, interactions, _ = load_rechorus(OFFICE)
-    manifest = write_dataset(out, source="rechorus", catalog=catalog, interactions=interactions, max_history=20)
+    manifest = write_dataset(
+        out, source="rechorus", catalog=catalog, interactions=interactions, max_history=20
+    )
     seconds = time.perf_counter() - started
     samples = sum(manifest.samples.values())
-    return {"seconds": seconds, "samples": samples, "samples_per_s": samples / seconds, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "seconds": seconds,
+        "samples": samples,
+        "samples_per_s": samples / seconds,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def step_synth(out: Path, interactions: int) -> dict:
@@ -47,13 +54,22 @@ def step_synth(out: Path, interactions: int) -> dict:
     started = time.perf_counter()
     catalog, inter, planted = generate(SynthConfig(users=users, items=max(1000, interactions // 50), seed=0))
     generated = time.perf_counter()
-    manifest = write_dataset(out, source="synth", catalog=catalog, interactions=inter, max_history=20,
-                             extra_tables={PLANTED_PAIRS: planted})
+    manifest = write_dataset(
+        out,
+        source="synth",
+        catalog=catalog,
+        interactions=inter,
+        max_history=20,
+        extra_tables={PLANTED_PAIRS: planted},
+    )
     written = time.perf_counter()
     samples = sum(manifest.samples.values())
     return {
-        "interactions": len(inter), "samples": samples, "generate_seconds": generated - started,
-        "write_seconds": written - generated, "samples_per_s": samples / (written - generated),
+        "interactions": len(inter),
+        "samples": samples,
+        "generate_seconds": generated - started,
+        "write_seconds": written - generated,
+        "samples_per_s": samples / (written - generated),
         "peak_rss_mib": _peak_rss_mib(),
     }
 
@@ -64,20 +80,31 @@ def step_stream(data: Path, workers: int) -> dict:
     torch.set_num_threads(1)
     from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 
-    stream = SequenceStream(data, "train", LoaderConfig(batch_size=256, num_workers=workers, max_history=20,
-                                                        verify_checksums=False))
+    stream = SequenceStream(
+        data,
+        "train",
+        LoaderConfig(batch_size=256, num_workers=workers, max_history=20, verify_checksums=False),
+    )
     started = time.perf_counter()
     samples = 0
     for batch in make_loader(stream):
         samples += int(batch["valid"].sum())
     seconds = time.perf_counter() - started
-    return {"workers": workers, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-            "peak_rss_mib": _peak_rss_mib(), "worker_peak_rss_mib": _peak_rss_mib(resource.RUSAGE_CHILDREN)}
+    return {
+        "workers": workers,
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "peak_rss_mib": _peak_rss_mib(),
+        "worker_peak_rss_mib": _peak_rss_mib(resource.RUSAGE_CHILDREN),
+    }
 
 
 def _run(*args: str) -> dict:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, __file__, "--step", *args], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, __file__, "--step", *args], capture_output=True, text=True, env=env
+    )
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -93,9 +120,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.step:
         name, *rest = args.step
-        result = {"office": lambda: step_office(Path(rest[0])),
-                  "synth": lambda: step_synth(Path(rest[0]), int(rest[1])),
-                  "stream": lambda: step_stream(Path(rest[0]), int(rest[1]))}[name]()
+        result = {
+            "office": lambda: step_office(Path(rest[0])),
+            "synth": lambda: step_synth(Path(rest[0]), int(rest[1])),
+            "stream": lambda: step_stream(Path(rest[0]), int(rest[1])),
+        }[name]()
         print(json.dumps(result))
         return
 
@@ -118,10 +147,14 @@ def main() -> None:
     for name, value in results.items():
         if isinstance(value, dict):
             seconds = value.get("seconds", value.get("write_seconds", 0.0))
-            print(f"{name:<26}{value['samples']:>12,}{seconds:>10.2f}{value['samples_per_s']:>12,.0f}"
-                  f"{value['peak_rss_mib']:>14,.0f}")
-    print(f"stream RSS, {args.interactions:,} over {args.small_interactions:,} interactions: "
-          f"{results['stream_rss_growth_large_over_small']:.2f}x")
+            print(
+                f"{name:<26}{value['samples']:>12,}{seconds:>10.2f}{value['samples_per_s']:>12,.0f}"
+                f"{value['peak_rss_mib']:>14,.0f}"
+            )
+    print(
+        f"stream RSS, {args.interactions:,} over {args.small_interactions:,} interactions: "
+        f"{results['stream_rss_growth_large_over_small']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

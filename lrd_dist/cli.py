@@ -21,7 +21,9 @@ log = logging.getLogger("lrd_dist")
 def _write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="dataset directory to create")
     parser.add_argument("--max-history", type=int, default=50, help="history length stored per sample")
-    parser.add_argument("--negatives", type=int, default=99, help="dev/test candidates per row (when sampled)")
+    parser.add_argument(
+        "--negatives", type=int, default=99, help="dev/test candidates per row (when sampled)"
+    )
     parser.add_argument("--samples-per-shard", type=int, default=100_000)
     parser.add_argument("--block-size", type=int, default=1024, help="samples per tar record")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--source", required=True, choices=["rechorus", "movielens", "amazon"])
     prepare.add_argument("--input", type=Path, help="source directory (rechorus, movielens)")
     prepare.add_argument("--name", help="rechorus: the <name> of <name>.text / <name>.item2index")
-    prepare.add_argument("--reviews", type=Path, help="amazon: reviews_<Cat>_5.json.gz (2014) or <Cat>_5.json.gz")
+    prepare.add_argument(
+        "--reviews", type=Path, help="amazon: reviews_<Cat>_5.json.gz (2014) or <Cat>_5.json.gz"
+    )
     prepare.add_argument("--meta", type=Path, help="amazon: meta_<Cat>.json.gz")
     prepare.add_argument("--min-interactions", type=int, default=5, help="k of the k-core filter")
     _write_options(prepare)
@@ -79,16 +83,26 @@ def _prepare(args: argparse.Namespace) -> None:
         _need(args, "meta")
         catalog, interactions, stats = load_amazon(args.reviews, args.meta, args.min_interactions)
     manifest = write_dataset(
-        args.out, source=args.source, catalog=catalog, interactions=interactions, max_history=args.max_history,
-        num_negatives=args.negatives, seed=args.seed, samples_per_shard=args.samples_per_shard,
-        block_size=args.block_size, overwrite=args.overwrite, stats=stats,
+        args.out,
+        source=args.source,
+        catalog=catalog,
+        interactions=interactions,
+        max_history=args.max_history,
+        num_negatives=args.negatives,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        block_size=args.block_size,
+        overwrite=args.overwrite,
+        stats=stats,
     )
     _print_summary(args.out, manifest)
 
 
 def _need(args: argparse.Namespace, name: str) -> None:
     if getattr(args, name) is None:
-        raise InputError("command line", f"--{name} is required with --source {args.source}", f"pass --{name}")
+        raise InputError(
+            "command line", f"--{name} is required with --source {args.source}", f"pass --{name}"
+        )
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -96,13 +110,26 @@ def _synth(args: argparse.Namespace) -> None:
     from lrd_dist.data.prepare import write_dataset
     from lrd_dist.data.synth import SynthConfig, generate
 
-    config = SynthConfig(users=args.users, items=args.items, relations=args.relations, seed=args.seed,
-                         mean_length=args.mean_length)
+    config = SynthConfig(
+        users=args.users,
+        items=args.items,
+        relations=args.relations,
+        seed=args.seed,
+        mean_length=args.mean_length,
+    )
     catalog, interactions, planted = generate(config)
     manifest = write_dataset(
-        args.out, source="synth", catalog=catalog, interactions=interactions, max_history=args.max_history,
-        num_negatives=args.negatives, seed=args.seed, samples_per_shard=args.samples_per_shard,
-        block_size=args.block_size, overwrite=args.overwrite, extra_tables={PLANTED_PAIRS: planted},
+        args.out,
+        source="synth",
+        catalog=catalog,
+        interactions=interactions,
+        max_history=args.max_history,
+        num_negatives=args.negatives,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        block_size=args.block_size,
+        overwrite=args.overwrite,
+        extra_tables={PLANTED_PAIRS: planted},
         stats={"synth_relations": args.relations},
     )
     _print_summary(args.out, manifest)
@@ -113,12 +140,14 @@ def _verify(args: argparse.Namespace) -> None:
     from lrd_dist.data.stream import LoaderConfig, SequenceStream
 
     for split in SPLITS:
-        stream = SequenceStream(args.data, split, LoaderConfig(batch_size=4096, shuffle=False,
-                                                               max_history=1))
+        stream = SequenceStream(args.data, split, LoaderConfig(batch_size=4096, shuffle=False, max_history=1))
         seen = sum(int(batch["valid"].sum()) for batch in stream)
         if seen != stream.num_samples:
-            raise InputError(args.data, f"{split}: read {seen} samples, manifest says {stream.num_samples}",
-                             "prepare the dataset again")
+            raise InputError(
+                args.data,
+                f"{split}: read {seen} samples, manifest says {stream.num_samples}",
+                "prepare the dataset again",
+            )
         print(f"{split}: {len(stream.shards)} shards, {seen} samples, sha256 and counts OK")
 
 
@@ -126,8 +155,16 @@ def _demo(args: argparse.Namespace) -> None:
     from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 
     synth_args = build_parser().parse_args(
-        ["synth", "--out", str(args.out / "data"), "--users", str(args.users), "--items", str(args.items),
-         "--overwrite"]
+        [
+            "synth",
+            "--out",
+            str(args.out / "data"),
+            "--users",
+            str(args.users),
+            "--items",
+            str(args.items),
+            "--overwrite",
+        ]
     )
     _synth(synth_args)
     stream = SequenceStream(args.out / "data", "train", LoaderConfig(batch_size=256, num_workers=0))
@@ -137,14 +174,21 @@ def _demo(args: argparse.Namespace) -> None:
         batches += 1
         samples += int(batch["valid"].sum())
     seconds = time.perf_counter() - started
-    print(f"streamed one training epoch: {batches} batches, {samples} samples, "
-          f"{samples / max(seconds, 1e-9):,.0f} samples/s")
+    print(
+        f"streamed one training epoch: {batches} batches, {samples} samples, "
+        f"{samples / max(seconds, 1e-9):,.0f} samples/s"
+    )
 
 
 def _print_summary(out: Path, manifest) -> None:
     summary = {
-        "out": str(out), "source": manifest.source, "users": manifest.num_users, "items": manifest.num_items,
-        "interactions": manifest.num_interactions, "samples": manifest.samples, "shards": len(manifest.shards),
+        "out": str(out),
+        "source": manifest.source,
+        "users": manifest.num_users,
+        "items": manifest.num_items,
+        "interactions": manifest.num_interactions,
+        "samples": manifest.samples,
+        "shards": len(manifest.shards),
         "stats": manifest.stats,
     }
     print(json.dumps(summary, indent=2))
@@ -153,7 +197,8 @@ def _print_summary(out: Path, manifest) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handlers = {"prepare": _prepare, "synth": _synth, "verify": _verify, "demo": _demo}
     try:

@@ -33,7 +33,8 @@ def write_rechorus(directory: Path, *, name: str = "Toy") -> Path:
     )
     (directory / "item_meta.csv").write_text(
         "item_id\ti_category\ti_brand\tr_complement\tr_substitute\n"
-        "3\t1\t2\t[1, 2]\t[]\n1\t1\t1\t[2]\t[3]\n2\t2\t1\t[]\t[]\n4\t2\t0\t[5, 6]\t[1]\n5\t0\t2\t[]\t[]\n6\t1\t0\t[]\t[4]\n"
+        "3\t1\t2\t[1, 2]\t[]\n1\t1\t1\t[2]\t[3]\n2\t2\t1\t[]\t[]\n"
+        "4\t2\t0\t[5, 6]\t[1]\n5\t0\t2\t[]\t[]\n6\t1\t0\t[]\t[4]\n"
     )
     (directory / f"{name}.text").write_text(
         "id\ttext\n"
@@ -55,8 +56,15 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "ds"
     catalog, interactions, planted = generate(SynthConfig(users=400, items=300, relations=4, seed=3))
     write_dataset(
-        out, source="synth", catalog=catalog, interactions=interactions, max_history=12, num_negatives=20,
-        samples_per_shard=700, block_size=64, extra_tables={PLANTED_PAIRS: planted},
+        out,
+        source="synth",
+        catalog=catalog,
+        interactions=interactions,
+        max_history=12,
+        num_negatives=20,
+        samples_per_shard=700,
+        block_size=64,
+        extra_tables={PLANTED_PAIRS: planted},
     )
     return out
 

@@ -57,7 +57,9 @@ class Catalog:
             source_ids=table.column("source_id").combine_chunks(),
             texts=table.column("text").combine_chunks(),
             attributes={
-                name[5:]: table.column(name).to_numpy() for name in table.column_names if name.startswith("attr_")
+                name[5:]: table.column(name).to_numpy()
+                for name in table.column_names
+                if name.startswith("attr_")
             },
             relations={
                 name[4:]: table.column(name).combine_chunks()
@@ -67,8 +69,10 @@ class Catalog:
         )
 
     def num_relation_pairs(self) -> dict[str, int]:
-        return {name: int(pa.compute.sum(pa.compute.list_value_length(v)).as_py() or 0)
-                for name, v in self.relations.items()}
+        return {
+            name: int(pa.compute.sum(pa.compute.list_value_length(v)).as_py() or 0)
+            for name, v in self.relations.items()
+        }
 
 
 def check_texts(texts: pa.Array, path: Path, first_line: int = 1) -> None:

@@ -43,7 +43,9 @@ def atomic_directory(out: Path, overwrite: bool):
     """Yield a temporary directory that becomes ``out`` only if the block completes."""
     out = out.resolve()
     if out.exists() and not overwrite:
-        raise InputError(out, "the output directory already exists", "choose another --out or pass --overwrite")
+        raise InputError(
+            out, "the output directory already exists", "choose another --out or pass --overwrite"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -142,7 +144,7 @@ def write_dataset(
         all_stats.update(stats or {})
         manifest = Manifest(
             source=source,
-            num_users=int(len(np.unique(ordered.user))),
+            num_users=len(np.unique(ordered.user)),
             num_items=catalog.num_items,
             num_interactions=len(interactions),
             max_history=max_history,

@@ -30,6 +30,7 @@ their slots with ``valid=False`` rows, so batch counts stay equal on all ranks.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import tarfile
@@ -72,7 +73,6 @@ def worker_progress(batches_per_worker: list[int], consumed: int) -> tuple[list[
     that run out are skipped), and the worker that delivers the next batch."""
     counts = np.asarray(batches_per_worker)
     consumed = min(consumed, int(counts.sum()))
-    full_rounds = 0
     low, high = 0, int(counts.max(initial=0))
     while low < high:  # largest t with sum(min(counts, t)) <= consumed
         mid = (low + high + 1) // 2
@@ -85,7 +85,7 @@ def worker_progress(batches_per_worker: list[int], consumed: int) -> tuple[list[
     remaining = consumed - int(taken.sum())
     active = np.flatnonzero(counts > full_rounds)
     taken[active[:remaining]] += 1
-    following = [w for w in active[remaining:]] + [w for w in np.flatnonzero(counts > full_rounds + 1)]
+    following = [*active[remaining:], *np.flatnonzero(counts > full_rounds + 1)]
     next_worker = int(following[0]) if following else 0
     return [int(t) for t in taken], next_worker
 
@@ -117,7 +117,8 @@ class SequenceStream(IterableDataset):
                 self.directory / "manifest.json",
                 f"data.max_history={config.max_history} but the shards store histories of at most "
                 f"{self.manifest.max_history}",
-                f"use data.max_history <= {self.manifest.max_history} or prepare again with a longer --max-history",
+                f"use data.max_history <= {self.manifest.max_history} or prepare again with a longer "
+                "--max-history",
             )
         self.fields = list(SCALAR_FIELDS) + list(ARRAY_FIELDS)
         if split != "train":
@@ -166,7 +167,9 @@ class SequenceStream(IterableDataset):
     def _check_shard(self, shard: ShardInfo) -> bool:
         path = self.directory / shard.path
         if not path.is_file():
-            return self._corrupt(shard, "the shard file is missing", "restore it or prepare the dataset again")
+            return self._corrupt(
+                shard, "the shard file is missing", "restore it or prepare the dataset again"
+            )
         if not self.config.verify_checksums:
             return True
         stat = path.stat()
@@ -185,7 +188,9 @@ class SequenceStream(IterableDataset):
         if self.config.on_corrupt == "fail":
             raise InputError(self.directory / shard.path, problem, fix + " (or set data.on_corrupt=skip)")
         lost = f"{dropped} sample(s)" if dropped is not None else "its samples"
-        log.warning("skipping corrupt shard %s: %s; dropped %s of this worker's range", shard.path, problem, lost)
+        log.warning(
+            "skipping corrupt shard %s: %s; dropped %s of this worker's range", shard.path, problem, lost
+        )
         return False
 
     def _read_range(self, shard: ShardInfo, start: int, stop: int) -> Iterator[np.ndarray]:
@@ -217,8 +222,12 @@ class SequenceStream(IterableDataset):
                     return
         except (tarfile.TarError, ValueError, OSError, KeyError, EOFError) as exc:
             reason = str(exc.args[0]) if exc.args else type(exc).__name__
-            self._corrupt(shard, f"unreadable: truncated or damaged tar ({reason.split(' @ ')[0]})", "restore the shard or prepare the dataset again",
-                          dropped=stop - position)
+            self._corrupt(
+                shard,
+                f"unreadable: truncated or damaged tar ({reason.split(' @ ')[0]})",
+                "restore the shard or prepare the dataset again",
+                dropped=stop - position,
+            )
             return
         if position < stop:
             self._corrupt(
@@ -281,7 +290,8 @@ class SequenceStream(IterableDataset):
         workers = 1 if info is None else info.num_workers
         if workers != max(1, self.config.num_workers):
             raise InputError(
-                "config", f"the DataLoader has {workers} workers but data.num_workers={self.config.num_workers}",
+                "config",
+                f"the DataLoader has {workers} workers but data.num_workers={self.config.num_workers}",
                 "build the loader with make_loader()",
             )
         taken, next_worker = worker_progress(self.batches_per_worker(), self.start_batch)
@@ -294,29 +304,23 @@ class SequenceStream(IterableDataset):
         lo, hi = rank_start + first, rank_start + min(last, rank_real)
         rows: Iterator[np.ndarray] = self._real_samples(lo, hi) if lo < hi else iter(())
         if self.config.shuffle:
-            rng = random.Random(hash((self.config.seed, self.epoch, self.rank, worker)))
+            rng = random.Random(f"{self.config.seed}/{self.epoch}/{self.rank}/{worker}")
             buffer = self.config.shuffle_buffer
             rows = wds.shuffle(buffer, initial=buffer, rng=rng)(rows)
         yield from self._batches(rows, last - first, skip=taken[worker])
 
     def _batches(self, rows: Iterator[np.ndarray], slots: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches filling ``slots`` rows: the worker's samples, then copies of a real one marked
+        invalid where samples are missing (rank padding, or dropped corrupt data)."""
         size = self.config.batch_size
-        produced = 0
         template: np.ndarray | None = None
         for index in range(-(-slots // size)):
             want = min(size, slots - index * size)
-            batch = []
-            for row in rows:
-                batch.append(row)
-                if len(batch) == want:
-                    break
-            produced += len(batch)
+            batch = list(itertools.islice(rows, want))
             real = len(batch)
-            if real < want:
-                template = template if template is not None else (batch[0] if batch else self._template_row())
-                batch.extend([template] * (want - real))
-            elif template is None:
-                template = batch[0]
+            if template is None:
+                template = batch[0] if batch else self._template_row()
+            batch.extend([template] * (want - real))
             if index >= skip:
                 yield self._batch(batch, real)
 

@@ -30,23 +30,88 @@ from lrd_dist.data.sequences import Interactions
 from lrd_dist.errors import InputError
 
 NOUNS = (
-    "fountain pen", "stapler", "label printer", "desk lamp", "paper shredder", "calculator", "notebook",
-    "laminator", "hole punch", "tape dispenser", "whiteboard", "pencil sharpener", "ink printer",
-    "document scanner", "desk organizer", "filing cabinet", "binder", "marker set", "letter tray",
-    "cutting mat", "glue gun", "wall clock", "desk fan", "headset", "webcam", "keyboard", "mouse",
-    "monitor arm", "phone stand", "planner", "sticky notes", "rubber stamp", "envelope sealer",
-    "badge holder", "clipboard", "paper trimmer", "label maker", "postal scale", "cash box", "easel",
+    "fountain pen",
+    "stapler",
+    "label printer",
+    "desk lamp",
+    "paper shredder",
+    "calculator",
+    "notebook",
+    "laminator",
+    "hole punch",
+    "tape dispenser",
+    "whiteboard",
+    "pencil sharpener",
+    "ink printer",
+    "document scanner",
+    "desk organizer",
+    "filing cabinet",
+    "binder",
+    "marker set",
+    "letter tray",
+    "cutting mat",
+    "glue gun",
+    "wall clock",
+    "desk fan",
+    "headset",
+    "webcam",
+    "keyboard",
+    "mouse",
+    "monitor arm",
+    "phone stand",
+    "planner",
+    "sticky notes",
+    "rubber stamp",
+    "envelope sealer",
+    "badge holder",
+    "clipboard",
+    "paper trimmer",
+    "label maker",
+    "postal scale",
+    "cash box",
+    "easel",
 )
 SYLLABLES = (
-    "ar", "bel", "cor", "dun", "ex", "fal", "gor", "hel", "ix", "jun", "kal", "lum", "mor", "nev", "or",
-    "pax", "quin", "ros", "sol", "tav", "ul", "ven", "wex", "xan", "yor", "zel", "bri", "cas", "dro", "fen",
+    "ar",
+    "bel",
+    "cor",
+    "dun",
+    "ex",
+    "fal",
+    "gor",
+    "hel",
+    "ix",
+    "jun",
+    "kal",
+    "lum",
+    "mor",
+    "nev",
+    "or",
+    "pax",
+    "quin",
+    "ros",
+    "sol",
+    "tav",
+    "ul",
+    "ven",
+    "wex",
+    "xan",
+    "yor",
+    "zel",
+    "bri",
+    "cas",
+    "dro",
+    "fen",
 )
 # Relation templates; {b} is the base product's text. Several wordings per relation so that the
 # model must read meaning, not one fixed string.
 RELATIONS = (
     ("refill", ("Refill pack for the {b}", "Replacement refills compatible with {b}", "{b} refill set")),
     ("case", ("Protective carrying case for the {b}", "Hard shell travel case fits {b}", "{b} storage case")),
-    ("next_model", ("{b} Mark II, the next model of the series", "{b} second generation", "New {b} 2nd edition")),
+    (
+        "next_model",
+        ("{b} Mark II, the next model of the series", "{b} second generation", "New {b} 2nd edition"),
+    ),
     ("battery", ("Rechargeable battery for the {b}", "Spare power pack for {b}", "{b} replacement battery")),
     ("manual", ("User guide and manual for the {b}", "Printed handbook for {b}", "{b} instruction booklet")),
     ("stand", ("Adjustable desk stand for the {b}", "Mounting bracket for {b}", "{b} wall mount stand")),
@@ -70,10 +135,15 @@ class SynthConfig:
         if not 1 <= self.relations <= len(RELATIONS):
             raise InputError("synth", f"--relations {self.relations}", f"use 1..{len(RELATIONS)} relations")
         if self.items < 2 * (self.relations + 1):
-            raise InputError("synth", f"--items {self.items} is too few for {self.relations} relations",
-                             f"use at least {2 * (self.relations + 1)} items")
+            raise InputError(
+                "synth",
+                f"--items {self.items} is too few for {self.relations} relations",
+                f"use at least {2 * (self.relations + 1)} items",
+            )
         if self.users < 1 or self.min_length < 3 or self.max_length < self.min_length:
-            raise InputError("synth", "users must be >= 1 and 3 <= min_length <= max_length", "fix the options")
+            raise InputError(
+                "synth", "users must be >= 1 and 3 <= min_length <= max_length", "fix the options"
+            )
         if self.mean_length <= self.min_length:
             raise InputError("synth", "mean_length must exceed min_length", "fix the options")
 
@@ -124,19 +194,22 @@ def generate(config: SynthConfig) -> tuple[Catalog, Interactions, pa.Table]:
     # The planted graph: base <-> partner r, relation r (ids from 1).
     partners = np.flatnonzero(role > 0)
     base_of = family * group
-    planted = pa.table({
-        "head": pa.array(base_of[partners] + 1, pa.int32()),
-        "tail": pa.array(partners + 1, pa.int32()),
-        "relation": pa.array(role[partners], pa.int8()),
-        "relation_name": pa.array([RELATIONS[r - 1][0] for r in role[partners]]),
-    })
+    planted = pa.table(
+        {
+            "head": pa.array(base_of[partners] + 1, pa.int32()),
+            "tail": pa.array(partners + 1, pa.int32()),
+            "relation": pa.array(role[partners], pa.int8()),
+            "relation_name": pa.array([RELATIONS[r - 1][0] for r in role[partners]]),
+        }
+    )
 
     interactions = _walk(config, rng, family, role, group)
     return catalog, interactions, planted
 
 
-def _walk(config: SynthConfig, rng: np.random.Generator, family: np.ndarray, role: np.ndarray,
-          group: int) -> Interactions:
+def _walk(
+    config: SynthConfig, rng: np.random.Generator, family: np.ndarray, role: np.ndarray, group: int
+) -> Interactions:
     n = config.users
     extra = rng.geometric(1.0 / (config.mean_length - config.min_length + 1), size=n) - 1
     length = np.minimum(config.min_length + extra, config.max_length)
@@ -173,4 +246,3 @@ def _walk(config: SynthConfig, rng: np.random.Generator, family: np.ndarray, rol
             "planted_offset": (planted_relation > 0).astype(np.int64),
         },
     )
-

@@ -15,8 +15,16 @@ def _reviews(extra_item: bool = True) -> list[dict]:
     for user in range(10):
         for k in range(6):
             asin = ASINS[(user + k) % 8]
-            rows.append({"reviewerID": f"U{user}", "asin": asin, "unixReviewTime": 1_300_000_000 + 86_400 * (user + 3 * k),
-                         "overall": 5.0, "reviewText": "fine", "helpful": [0, 0]})
+            rows.append(
+                {
+                    "reviewerID": f"U{user}",
+                    "asin": asin,
+                    "unixReviewTime": 1_300_000_000 + 86_400 * (user + 3 * k),
+                    "overall": 5.0,
+                    "reviewText": "fine",
+                    "helpful": [0, 0],
+                }
+            )
     if extra_item:  # an item without meta: dropped, though it would survive the 5-core on its own
         rows += [{"reviewerID": f"U{u}", "asin": "NOMETA", "unixReviewTime": 1_400_000_000} for u in range(5)]
     return rows
@@ -33,10 +41,17 @@ def write_2014(directory: Path) -> tuple[Path, Path]:
     reviews = _write_gz(directory / "reviews_Office_Products_5.json.gz", [json.dumps(r) for r in _reviews()])
     metas = []
     for i, asin in enumerate(ASINS):
-        record = {"asin": asin, "title": f"Pen &amp; &quot;Ink&quot; set {i}", "brand": "Acme" if i % 2 else "",
-                  "categories": [["Office Products", "Writing", f"Pens{i % 3}"]],
-                  "related": {"also_bought": [ASINS[(i + 1) % 8], "UNKNOWN"], "also_viewed": [ASINS[(i + 2) % 8]],
-                              "bought_together": [ASINS[(i + 3) % 8]]}}
+        record = {
+            "asin": asin,
+            "title": f"Pen &amp; &quot;Ink&quot; set {i}",
+            "brand": "Acme" if i % 2 else "",
+            "categories": [["Office Products", "Writing", f"Pens{i % 3}"]],
+            "related": {
+                "also_bought": [ASINS[(i + 1) % 8], "UNKNOWN"],
+                "also_viewed": [ASINS[(i + 2) % 8]],
+                "bought_together": [ASINS[(i + 3) % 8]],
+            },
+        }
         metas.append(repr(record))  # the 2014 meta dumps are Python literals, not JSON
     metas.append(repr({"asin": "UNRELATED", "title": "Not reviewed"}))
     meta = _write_gz(directory / "meta_Office_Products.json.gz", metas)
@@ -46,9 +61,19 @@ def write_2014(directory: Path) -> tuple[Path, Path]:
 def write_2018(directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     reviews = _write_gz(directory / "Office_Products_5.json.gz", [json.dumps(r) for r in _reviews(False)])
-    metas = [json.dumps({"asin": a, "title": f"Stapler {i}", "brand": "Bostitch", "category":
-                         ["Office Products", "Staplers"], "also_buy": [ASINS[(i + 1) % 8]], "also_view": []})
-             for i, a in enumerate(ASINS)]
+    metas = [
+        json.dumps(
+            {
+                "asin": a,
+                "title": f"Stapler {i}",
+                "brand": "Bostitch",
+                "category": ["Office Products", "Staplers"],
+                "also_buy": [ASINS[(i + 1) % 8]],
+                "also_view": [],
+            }
+        )
+        for i, a in enumerate(ASINS)
+    ]
     return reviews, _write_gz(directory / "meta_Office_Products.json.gz", metas)
 
 
@@ -80,7 +105,7 @@ def test_amazon_2018(tmp_path: Path) -> None:
 
 def test_bad_review_line_is_named(tmp_path: Path) -> None:
     reviews, meta = write_2014(tmp_path)
-    lines = gzip.open(reviews, "rt").read().splitlines()
+    lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
     lines[6] = '{"reviewerID": "U1", "asin": '
     _write_gz(reviews, lines)
     with pytest.raises(InputError, match=r"line 7"):
@@ -89,7 +114,7 @@ def test_bad_review_line_is_named(tmp_path: Path) -> None:
 
 def test_bad_meta_line_is_named(tmp_path: Path) -> None:
     reviews, meta = write_2014(tmp_path)
-    lines = gzip.open(meta, "rt").read().splitlines()
+    lines = gzip.decompress(meta.read_bytes()).decode().splitlines()
     lines[2] = "{'asin': __import__('os').getcwd()}"  # literal_eval refuses code
     _write_gz(meta, lines)
     with pytest.raises(InputError, match=r"meta_Office_Products.json.gz, line 3"):

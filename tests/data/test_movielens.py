@@ -42,8 +42,9 @@ def write_ml1m(directory: Path, items: int = 24) -> None:
     directory.mkdir(parents=True)
     rows = _ratings(seed=1, items=items)
     (directory / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
-    (directory / "movies.dat").write_bytes("".join(
-        f"{i}::Film {i} ({1980 + i})::Comedy|Drama\n" for i in range(1, items + 1)).encode("latin-1"))
+    (directory / "movies.dat").write_bytes(
+        "".join(f"{i}::Film {i} ({1980 + i})::Comedy|Drama\n" for i in range(1, items + 1)).encode("latin-1")
+    )
 
 
 def test_ml100k_leave_one_out_and_sampled_negatives(tmp_path: Path) -> None:
@@ -54,8 +55,15 @@ def test_ml100k_leave_one_out_and_sampled_negatives(tmp_path: Path) -> None:
     assert first_text.startswith("Caf\xe9 Movie 1 (1932)") and first_text.endswith("Adventure")
     assert catalog.attributes["year"][0] == year_bucket(1932) == 1
     assert catalog.attributes["genre_drama"][4] == 1  # item 5 has Drama
-    manifest = write_dataset(tmp_path / "out", source="movielens", catalog=catalog, interactions=interactions,
-                             num_negatives=10, seed=7, max_history=20)
+    manifest = write_dataset(
+        tmp_path / "out",
+        source="movielens",
+        catalog=catalog,
+        interactions=interactions,
+        num_negatives=10,
+        seed=7,
+        max_history=20,
+    )
     assert manifest.samples == {"train": 30 * 9, "dev": 30, "test": 30}  # 12 - first - dev - test
 
     by_user: dict[int, list[tuple[int, int]]] = {}
@@ -64,9 +72,13 @@ def test_ml100k_leave_one_out_and_sampled_negatives(tmp_path: Path) -> None:
     config = LoaderConfig(batch_size=100, shuffle=False, max_history=20)
     for split, offset in (("test", -1), ("dev", -2)):
         batch = next(iter(SequenceStream(tmp_path / "out", split, config)))
-        for user, target, negatives, length in zip(batch["user"].tolist(), batch["target"].tolist(),
-                                                     batch["negatives"].tolist(), batch["history_length"].tolist(),
-                                                     strict=True):
+        for user, target, negatives, length in zip(
+            batch["user"].tolist(),
+            batch["target"].tolist(),
+            batch["negatives"].tolist(),
+            batch["history_length"].tolist(),
+            strict=True,
+        ):
             ordered = [i for _, i in sorted(by_user[user])]
             assert target == ordered[offset]  # the last item is test, the one before is dev
             assert length == len(ordered) + offset
@@ -80,9 +92,17 @@ def test_negatives_are_seeded(tmp_path: Path) -> None:
     catalog, interactions, _ = load_movielens(tmp_path / "ml")
     negatives = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        write_dataset(tmp_path / name, source="movielens", catalog=catalog, interactions=interactions,
-                      num_negatives=10, seed=seed)
-        negatives.append(next(iter(SequenceStream(tmp_path / name, "dev", LoaderConfig(shuffle=False))))["negatives"])
+        write_dataset(
+            tmp_path / name,
+            source="movielens",
+            catalog=catalog,
+            interactions=interactions,
+            num_negatives=10,
+            seed=seed,
+        )
+        negatives.append(
+            next(iter(SequenceStream(tmp_path / name, "dev", LoaderConfig(shuffle=False))))["negatives"]
+        )
     assert np.array_equal(negatives[0], negatives[1])
     assert not np.array_equal(negatives[0], negatives[2])
 
@@ -102,25 +122,27 @@ def test_k_core_filter_drops_rare_items(tmp_path: Path) -> None:
         handle.write("1\t25\t3\t999999999\n")  # item 25 rated once
     with open(tmp_path / "ml" / "u.item", "ab") as handle:
         handle.write(("25|Rare (1990)|x||x|" + "|".join(["0"] * 18 + ["1"]) + "\n").encode("latin-1"))
-    catalog, interactions, stats = load_movielens(tmp_path / "ml")
+    catalog, _, stats = load_movielens(tmp_path / "ml")
     assert catalog.num_items == 24 and stats["kept_ratings"] == len(rows)
     assert GENRES_100K[-1] == "Western"
 
 
 def test_missing_movielens_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="u.data"):
+    with pytest.raises(InputError, match=r"u\.data"):
         load_movielens(tmp_path / "empty")
     write_ml100k(tmp_path / "ml")
     (tmp_path / "ml" / "u.item").unlink()
-    with pytest.raises(InputError, match="u.item"):
+    with pytest.raises(InputError, match=r"u\.item"):
         load_movielens(tmp_path / "ml")
 
 
 def test_catalog_round_trip(tmp_path: Path) -> None:
     write_ml1m(tmp_path / "ml")
     catalog, interactions, _ = load_movielens(tmp_path / "ml")
-    write_dataset(tmp_path / "o", source="movielens", catalog=catalog, interactions=interactions, num_negatives=5)
+    write_dataset(
+        tmp_path / "o", source="movielens", catalog=catalog, interactions=interactions, num_negatives=5
+    )
     again = Catalog.read(tmp_path / "o" / "catalog.parquet")
     assert again.texts.to_pylist() == catalog.texts.to_pylist()
     assert Manifest.load(tmp_path / "o").attributes == list(catalog.attributes)

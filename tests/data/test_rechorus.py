@@ -21,8 +21,22 @@ def _samples(directory: Path, split: str) -> dict[str, np.ndarray]:
 
 
 def test_toy_dataset_is_converted_with_rechorus_histories(rechorus_dir: Path, tmp_path: Path) -> None:
-    assert main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(tmp_path / "o"),
-                 "--max-history", "5"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                "rechorus",
+                "--input",
+                str(rechorus_dir),
+                "--out",
+                str(tmp_path / "o"),
+                "--max-history",
+                "5",
+            ]
+        )
+        == 0
+    )
     manifest = Manifest.load(tmp_path / "o")
     assert manifest.samples == {"train": 5, "dev": 4, "test": 4}
     assert manifest.num_items == 6 and manifest.num_users == 4 and manifest.num_negatives == 3
@@ -53,18 +67,19 @@ def test_toy_dataset_is_converted_with_rechorus_histories(rechorus_dir: Path, tm
 @office
 def test_office_counts_equal_the_source_files(tmp_path: Path) -> None:
     catalog, interactions, _ = load_rechorus(OFFICE)
-    manifest = write_dataset(tmp_path / "office", source="rechorus", catalog=catalog, interactions=interactions,
-                             max_history=20)
-    train_rows = sum(1 for _ in open(OFFICE / "train.csv")) - 1
-    dev_rows = sum(1 for _ in open(OFFICE / "dev.csv")) - 1
+    manifest = write_dataset(
+        tmp_path / "office", source="rechorus", catalog=catalog, interactions=interactions, max_history=20
+    )
+    train_rows = len((OFFICE / "train.csv").read_text().splitlines()) - 1
+    dev_rows = len((OFFICE / "dev.csv").read_text().splitlines()) - 1
     assert manifest.num_users == 4905 and manifest.num_items == 2420
     assert manifest.num_interactions == train_rows + 2 * dev_rows == 53258
     # every train row but each user's first is a sample
     assert manifest.samples == {"train": train_rows - 4905, "dev": 4905, "test": 4905}
     assert manifest.stats["dev_rows_with_repeated_negative"] == 4307
     assert manifest.stats["relation_pairs"] == {"complement": 38071, "substitute": 18345}
-    text_of = dict(line.rstrip("\n").split("\t", 1) for line in list(open(OFFICE / "Office.text"))[1:])
-    for line in list(open(OFFICE / "Office.item2index"))[::500]:
+    text_of = dict(line.split("\t", 1) for line in (OFFICE / "Office.text").read_text().splitlines()[1:])
+    for line in (OFFICE / "Office.item2index").read_text().splitlines()[::500]:
         asin, item_id = line.split()
         assert catalog.source_ids[int(item_id) - 1].as_py() == asin
         assert catalog.texts[int(item_id) - 1].as_py() == text_of[asin]
@@ -131,7 +146,9 @@ def test_empty_text_is_named(rechorus_dir: Path, tmp_path: Path) -> None:
 
 def test_missing_file_is_named_and_cli_exits_2(rechorus_dir: Path, tmp_path: Path, capsys) -> None:
     (rechorus_dir / "test.csv").unlink()
-    code = main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(tmp_path / "o")])
+    code = main(
+        ["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(tmp_path / "o")]
+    )
     assert code == 2
     message = capsys.readouterr().err
     assert "test.csv" in message and "missing" in message and "Fix:" in message
@@ -143,7 +160,9 @@ def test_failed_prepare_keeps_the_existing_dataset(rechorus_dir: Path, tmp_path:
     assert main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(out)]) == 0
     before = (out / "manifest.json").read_text()
     (rechorus_dir / "dev.csv").write_text("user_id\titem_id\ttime\tneg_items\n1\t4\n")
-    code = main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(out), "--overwrite"])
+    code = main(
+        ["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(out), "--overwrite"]
+    )
     assert code == 2
     assert (out / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "toy"]  # no staging directory left behind

@@ -1,15 +1,24 @@
 import numpy as np
 
 from lrd_dist.data.sequences import (
-    DEV, TEST, TRAIN, Interactions, build_samples, order_and_split, sample_negatives, sample_rows, user_item_keys,
+    DEV,
+    TEST,
+    TRAIN,
+    Interactions,
+    build_samples,
+    order_and_split,
+    sample_negatives,
+    sample_rows,
+    user_item_keys,
 )
 
 
 def test_histories_match_a_naive_construction() -> None:
     rng = np.random.default_rng(0)
     n = 500
-    inter = Interactions(user=rng.integers(1, 30, n), item=rng.integers(1, 80, n).astype(np.int32),
-                         time=rng.integers(0, 50, n))
+    inter = Interactions(
+        user=rng.integers(1, 30, n), item=rng.integers(1, 80, n).astype(np.int32), time=rng.integers(0, 50, n)
+    )
     ordered = order_and_split(inter)
     rows = sample_rows(ordered)
     columns = build_samples(ordered, rows, max_history=4)
@@ -22,14 +31,19 @@ def test_histories_match_a_naive_construction() -> None:
         for position in range(1, len(items)):
             history = items[max(0, position - 4) : position]
             expected.append((user, items[position], tuple(history + [0] * (4 - len(history)))))
-    got = [(int(u), int(t), tuple(h.tolist())) for u, t, h in
-           zip(columns["user"], columns["target"], columns["history_items"], strict=True)]
+    got = [
+        (int(u), int(t), tuple(h.tolist()))
+        for u, t, h in zip(columns["user"], columns["target"], columns["history_items"], strict=True)
+    ]
     assert got == expected
 
 
 def test_leave_one_out_pins_the_first_item_to_train() -> None:
-    inter = Interactions(user=np.array([1, 1, 2, 2, 2, 3]), item=np.array([1, 2, 1, 2, 3, 4], np.int32),
-                         time=np.array([5, 1, 1, 2, 3, 1]))
+    inter = Interactions(
+        user=np.array([1, 1, 2, 2, 2, 3]),
+        item=np.array([1, 2, 1, 2, 3, 4], np.int32),
+        time=np.array([5, 1, 1, 2, 3, 1]),
+    )
     ordered = order_and_split(inter)
     assert ordered.item.tolist() == [2, 1, 1, 2, 3, 4]
     assert ordered.split.tolist() == [TRAIN, TEST, TRAIN, DEV, TEST, TRAIN]

@@ -27,8 +27,14 @@ def _ids(batches) -> list[tuple[int, int, int]]:
     ids = []
     for batch in batches:
         keep = batch["valid"]
-        ids += list(zip(batch["user"][keep].tolist(), batch["target"][keep].tolist(),
-                        batch["target_time"][keep].tolist(), strict=True))
+        ids += list(
+            zip(
+                batch["user"][keep].tolist(),
+                batch["target"][keep].tolist(),
+                batch["target_time"][keep].tolist(),
+                strict=True,
+            )
+        )
     return ids
 
 
@@ -147,7 +153,7 @@ def test_manifest_of_another_schema_version_is_refused(synth_dataset: Path, tmp_
 
 
 def test_missing_manifest_and_bad_options_are_refused(synth_dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no manifest.json"):
+    with pytest.raises(InputError, match=r"no manifest\.json"):
         SequenceStream(tmp_path, "train", LoaderConfig())
     with pytest.raises(InputError, match="max_history"):
         SequenceStream(synth_dataset, "train", LoaderConfig(max_history=500))

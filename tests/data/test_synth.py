@@ -16,7 +16,9 @@ def test_planted_relation_of_every_generated_pair_is_an_edge_of_the_graph(synth_
     edges = {}
     for head, tail, relation in zip(planted["head"], planted["tail"], planted["relation"], strict=True):
         edges[(head, tail)] = edges[(tail, head)] = relation
-    stream = SequenceStream(synth_dataset, "train", LoaderConfig(batch_size=100_000, shuffle=False, max_history=12))
+    stream = SequenceStream(
+        synth_dataset, "train", LoaderConfig(batch_size=100_000, shuffle=False, max_history=12)
+    )
     batch = next(iter(stream))  # numpy
     relation, offset = batch["planted_relation"], batch["planted_offset"]
     length, history, target = batch["history_length"], batch["history_items"], batch["target"]
@@ -32,7 +34,9 @@ def test_relation_can_be_read_from_the_texts(synth_dataset: Path) -> None:
     catalog = Catalog.read(synth_dataset / "catalog.parquet")
     planted = pq.read_table(synth_dataset / PLANTED_PAIRS).to_pydict()
     texts = catalog.texts.to_pylist()
-    for head, tail, relation in list(zip(planted["head"], planted["tail"], planted["relation"], strict=True))[:40]:
+    for head, tail, relation in list(zip(planted["head"], planted["tail"], planted["relation"], strict=True))[
+        :40
+    ]:
         base, partner = texts[head - 1], texts[tail - 1]
         assert base in partner  # the partner's text is written from its base product's text
         assert partner.replace(base, "{b}") in RELATIONS[relation - 1][1]

@@ -15,11 +15,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_cpu(script: Path, *args: str, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def accelerate_cpu(
+    script: Path, *args: str, processes: int = 2, timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(script), *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

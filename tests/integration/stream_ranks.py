@@ -29,14 +29,27 @@ def main() -> None:
         step = torch.ones(1)
         dist.all_reduce(step)  # every rank must reach every step
         keep = batch["valid"]
-        ids += list(zip(batch["user"][keep].tolist(), batch["target"][keep].tolist(),
-                        batch["target_time"][keep].tolist(), strict=True))
+        ids += list(
+            zip(
+                batch["user"][keep].tolist(),
+                batch["target"][keep].tolist(),
+                batch["target_time"][keep].tolist(),
+                strict=True,
+            )
+        )
         digests.append(digest(batch))
     stream.set_position(epoch=2, batches_consumed=resume_at)
     resumed = [digest(batch) for batch in make_loader(stream)]
     gathered = [None] * state.num_processes
-    dist.all_gather_object(gathered, {"ids": ids, "batches": len(digests), "resume_ok": resumed == digests[resume_at:],
-                                      "backend": dist.get_backend()})
+    dist.all_gather_object(
+        gathered,
+        {
+            "ids": ids,
+            "batches": len(digests),
+            "resume_ok": resumed == digests[resume_at:],
+            "backend": dist.get_backend(),
+        },
+    )
     if state.is_main_process:
         out.write_text(json.dumps({"world_size": dist.get_world_size(), "ranks": gathered}))
 

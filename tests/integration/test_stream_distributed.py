@@ -8,7 +8,9 @@ from tests.integration.launch import accelerate_cpu
 
 
 @pytest.mark.slow
-def test_two_processes_two_workers_each_see_every_sample_once_and_resume(synth_dataset: Path, tmp_path: Path) -> None:
+def test_two_processes_two_workers_each_see_every_sample_once_and_resume(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
     report = tmp_path / "report.json"
     result = accelerate_cpu(Path(__file__).with_name("stream_ranks.py"), str(synth_dataset), str(report), "7")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,8 +20,25 @@ from lrd_dist.data.sources.tabular import read_delimited, require_file
 from lrd_dist.errors import InputError
 
 GENRES_100K = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 YEAR_RE = re.compile(r"\((\d{4})\)\s*$")
 
@@ -56,8 +73,9 @@ def _read_movies(path: Path, separator: str, ml100k: bool) -> list[tuple[int, st
                         raise ValueError("expected MovieID::Title::Genres")
                     genres = [g for g in fields[2].split("|") if g]
             except (ValueError, IndexError) as exc:
-                raise InputError(path, f"malformed movie line ({exc})", "restore the GroupLens file",
-                                 line=number) from exc
+                raise InputError(
+                    path, f"malformed movie line ({exc})", "restore the GroupLens file", line=number
+                ) from exc
             movies.append((movie, fields[1].strip(), genres))
     return movies
 
@@ -66,7 +84,9 @@ def load_movielens(directory: Path, min_interactions: int = 5) -> tuple[Catalog,
     directory = Path(directory)
     if (directory / "u.data").is_file():
         ratings = read_delimited(
-            directory / "u.data", {"user": pa.int64(), "item": pa.int64(), "time": pa.int64()}, header=False,
+            directory / "u.data",
+            {"user": pa.int64(), "item": pa.int64(), "time": pa.int64()},
+            header=False,
             column_names=["user", "item", "rating", "time"],
         )
         movies = _read_movies(require_file(directory / "u.item", "u.item"), "|", ml100k=True)
@@ -74,22 +94,32 @@ def load_movielens(directory: Path, min_interactions: int = 5) -> tuple[Catalog,
     elif (directory / "ratings.dat").is_file():
         # '::' separated: read with ':' and take every other field.
         ratings = read_delimited(
-            directory / "ratings.dat", {"user": pa.int64(), "item": pa.int64(), "time": pa.int64()}, header=False,
-            delimiter=":", column_names=["user", "_a", "item", "_b", "rating", "_c", "time"],
+            directory / "ratings.dat",
+            {"user": pa.int64(), "item": pa.int64(), "time": pa.int64()},
+            header=False,
+            delimiter=":",
+            column_names=["user", "_a", "item", "_b", "rating", "_c", "time"],
         )
         movies = _read_movies(require_file(directory / "movies.dat", "movies.dat"), "::", ml100k=False)
         variant = "ml-1m"
     else:
-        raise InputError(directory, "neither u.data (ml-100k) nor ratings.dat (ml-1m) found",
-                         "point --input at an unpacked GroupLens MovieLens directory")
+        raise InputError(
+            directory,
+            "neither u.data (ml-100k) nor ratings.dat (ml-1m) found",
+            "point --input at an unpacked GroupLens MovieLens directory",
+        )
     user = ratings.column("user").to_numpy()
     item = ratings.column("item").to_numpy()
     time = ratings.column("time").to_numpy()
     movie_ids = np.array([m[0] for m in movies])
     unknown = np.flatnonzero(~np.isin(item, movie_ids))
     if len(unknown):
-        raise InputError(directory, f"rating of unknown movie {item[unknown[0]]}", "use matching GroupLens files",
-                         line=int(unknown[0]) + 1)
+        raise InputError(
+            directory,
+            f"rating of unknown movie {item[unknown[0]]}",
+            "use matching GroupLens files",
+            line=int(unknown[0]) + 1,
+        )
     keep = dedupe(user, item, time)
     keep[keep] = k_core(user[keep], item[keep], min_interactions)
     user, item, time = user[keep], item[keep], time[keep]
@@ -116,5 +146,13 @@ def load_movielens(directory: Path, min_interactions: int = 5) -> tuple[Catalog,
     dense_item = np.searchsorted(kept_movies, item) + 1
     dense_user = np.searchsorted(np.unique(user), user) + 1
     interactions = Interactions(user=dense_user, item=dense_item.astype(np.int32), time=time)
-    return catalog, interactions, {"variant": variant, "min_interactions": min_interactions,
-                                   "raw_ratings": int(len(keep)), "kept_ratings": int(keep.sum())}
+    return (
+        catalog,
+        interactions,
+        {
+            "variant": variant,
+            "min_interactions": min_interactions,
+            "raw_ratings": len(keep),
+            "kept_ratings": int(keep.sum()),
+        },
+    )

@@ -41,13 +41,18 @@ def _read_meta(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str,
         raise InputError(path, f"no item_id column in the header {header}", "add an item_id column", line=1)
     attributes = [c for c in header if c.startswith("i_")]
     relations = [c for c in header if c.startswith("r_")]
-    types = {"item_id": pa.int64()} | {c: pa.int64() for c in attributes} | {c: pa.string() for c in relations}
+    types = (
+        {"item_id": pa.int64()} | {c: pa.int64() for c in attributes} | {c: pa.string() for c in relations}
+    )
     table = read_delimited(path, types)
     ids = table.column("item_id").to_numpy()
     duplicate = _duplicates(ids)
     if len(duplicate):
         raise InputError(
-            path, f"item id {ids[duplicate[0]]} appears twice", "keep one row per item", line=int(duplicate[0]) + 2
+            path,
+            f"item id {ids[duplicate[0]]} appears twice",
+            "keep one row per item",
+            line=int(duplicate[0]) + 2,
         )
     check_id_range(ids, 1, np.iinfo(np.int32).max, path, "item id", "ids start at 1", 2)
     attrs = {c[2:]: table.column(c).to_numpy() for c in attributes}
@@ -67,29 +72,41 @@ def _read_texts(directory: Path, name: str | None) -> tuple[Path, pa.Table] | No
     texts = read_delimited(text_path, {"id": pa.string(), "text": pa.string()})
     index_path = require_file(text_path.with_suffix(".item2index"), "item2index file (ASIN<TAB>item_id)")
     index = read_delimited(
-        index_path, {"source_id": pa.string(), "item_id": pa.int64()}, header=False,
+        index_path,
+        {"source_id": pa.string(), "item_id": pa.int64()},
+        header=False,
         column_names=["source_id", "item_id"],
     )
     for table, path, column, first in ((texts, text_path, "id", 2), (index, index_path, "source_id", 1)):
         keys = table.column(column).combine_chunks()
         dup = _duplicates(pc.dictionary_encode(keys).indices.to_numpy())
         if len(dup):
-            raise InputError(path, f"id {keys[int(dup[0])]} appears twice", "keep one line per item",
-                             line=int(dup[0]) + first)
+            raise InputError(
+                path,
+                f"id {keys[int(dup[0])]} appears twice",
+                "keep one line per item",
+                line=int(dup[0]) + first,
+            )
     dup_ids = _duplicates(index.column("item_id").to_numpy())
     if len(dup_ids):
-        raise InputError(index_path, "an item id appears twice", "keep one line per item", line=int(dup_ids[0]) + 1)
+        raise InputError(
+            index_path, "an item id appears twice", "keep one line per item", line=int(dup_ids[0]) + 1
+        )
     position = pc.fill_null(pc.index_in(texts.column("id"), value_set=index.column("source_id")), -1)
     position = position.to_numpy()
     unknown = np.flatnonzero(position < 0)
     if len(unknown):
         raise InputError(
-            text_path, f"id {texts.column('id')[int(unknown[0])]} has no entry in {index_path.name}",
-            f"add it to {index_path.name} or remove the line", line=int(unknown[0]) + 2,
+            text_path,
+            f"id {texts.column('id')[int(unknown[0])]} has no entry in {index_path.name}",
+            f"add it to {index_path.name} or remove the line",
+            line=int(unknown[0]) + 2,
         )
     check_texts(texts.column("text").combine_chunks(), text_path, first_line=2)
     item_ids = index.column("item_id").to_numpy()[position]
-    return text_path, pa.table({"item_id": item_ids, "source_id": texts.column("id"), "text": texts.column("text")})
+    return text_path, pa.table(
+        {"item_id": item_ids, "source_id": texts.column("id"), "text": texts.column("text")}
+    )
 
 
 def _read_eval(path: Path) -> tuple[pa.Table, np.ndarray]:
@@ -120,14 +137,19 @@ def load_rechorus(directory: Path, name: str | None = None) -> tuple[Catalog, In
     )
     texts = _read_texts(directory, name)
     train_items = train.column("item_id").to_numpy()
-    check_id_range(train_items, 1, np.iinfo(np.int32).max, directory / "train.csv", "item id", "ids start at 1", 2)
+    check_id_range(
+        train_items, 1, np.iinfo(np.int32).max, directory / "train.csv", "item id", "ids start at 1", 2
+    )
     known = [meta_ids, train_items] + ([texts[1].column("item_id").to_numpy()] if texts else [])
     num_items = int(max(int(k.max()) for k in known if len(k)))
     if meta_path.is_file():
         # item_meta is the catalog when present; items only in train.csv would have no attributes
         num_items = max(num_items, int(meta_ids.max()))
 
-    for path, table, negs in ((directory / "dev.csv", dev, dev_neg), (directory / "test.csv", test, test_neg)):
+    for path, table, negs in (
+        (directory / "dev.csv", dev, dev_neg),
+        (directory / "test.csv", test, test_neg),
+    ):
         fix = "every dev/test item must be a catalog item (train.csv, item_meta.csv or the text file)"
         check_id_range(table.column("item_id").to_numpy(), 1, num_items, path, "item id", fix, 2)
         rows = np.repeat(np.arange(len(table)), negs.shape[1])
@@ -135,8 +157,16 @@ def load_rechorus(directory: Path, name: str | None = None) -> tuple[Catalog, In
     for rel_name, lists in relations.items():
         flat = pc.list_flatten(lists).to_numpy()
         owner = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy())
-        check_id_range(flat, 1, num_items, meta_path, f"r_{rel_name} item id", "refer to catalog items only", 2,
-                       row_of=owner)
+        check_id_range(
+            flat,
+            1,
+            num_items,
+            meta_path,
+            f"r_{rel_name} item id",
+            "refer to catalog items only",
+            2,
+            row_of=owner,
+        )
 
     # Scatter meta rows (in file order) into dense catalog order.
     catalog_attributes = {}
@@ -150,7 +180,9 @@ def load_rechorus(directory: Path, name: str | None = None) -> tuple[Catalog, In
         slot[meta_ids - 1] = np.arange(len(meta_ids))
         present = slot >= 0
         taken = lists.take(pa.array(np.where(present, slot, 0)))
-        catalog_relations[rel_name] = pc.if_else(pa.array(present), taken, pa.scalar([], pa.list_(pa.int32())))
+        catalog_relations[rel_name] = pc.if_else(
+            pa.array(present), taken, pa.scalar([], pa.list_(pa.int32()))
+        )
     if texts is not None:
         text_path, text_table = texts
         item_of_text = text_table.column("item_id").to_numpy()
@@ -159,8 +191,11 @@ def load_rechorus(directory: Path, name: str | None = None) -> tuple[Catalog, In
         order[item_of_text - 1] = np.arange(len(item_of_text))
         missing = np.flatnonzero(order < 0)
         if len(missing):
-            raise InputError(text_path, f"item {int(missing[0]) + 1} has no text ({len(missing)} items in all)",
-                             "add a line for every catalog item")
+            raise InputError(
+                text_path,
+                f"item {int(missing[0]) + 1} has no text ({len(missing)} items in all)",
+                "add a line for every catalog item",
+            )
         source_ids = text_table.column("source_id").take(pa.array(order))
         item_texts = text_table.column("text").take(pa.array(order))
     else:

@@ -45,7 +45,9 @@ def read_delimited(
         column_names=None if header else column_names, encoding=encoding, block_size=1 << 24
     )
     parse_options = pacsv.ParseOptions(delimiter=delimiter, quote_char=False, newlines_in_values=False)
-    convert_options = pacsv.ConvertOptions(column_types=columns, include_columns=list(columns), strings_can_be_null=False)
+    convert_options = pacsv.ConvertOptions(
+        column_types=columns, include_columns=list(columns), strings_can_be_null=False
+    )
     try:
         table = pacsv.read_csv(path, read_options, parse_options, convert_options)
     except pa.ArrowInvalid as exc:
@@ -66,7 +68,9 @@ def _header(path: Path, delimiter: str, encoding: str) -> list[str]:
     try:
         return line.decode(encoding).rstrip("\r\n").split(delimiter)
     except UnicodeDecodeError as exc:
-        raise InputError(path, f"the header is not valid {encoding}", "save the file as UTF-8", line=1) from exc
+        raise InputError(
+            path, f"the header is not valid {encoding}", "save the file as UTF-8", line=1
+        ) from exc
 
 
 def _raise_first_bad_line(
@@ -88,8 +92,10 @@ def _raise_first_bad_line(
                 line = raw.decode(encoding).rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 raise InputError(
-                    path, f"not valid {encoding} text ({exc.reason} at byte {exc.start})",
-                    "re-encode the file as UTF-8", line=number,
+                    path,
+                    f"not valid {encoding} text ({exc.reason} at byte {exc.start})",
+                    "re-encode the file as UTF-8",
+                    line=number,
                 ) from cause
             if not line.strip():
                 raise InputError(path, "empty line", "remove the empty line", line=number) from cause
@@ -97,20 +103,27 @@ def _raise_first_bad_line(
             if len(fields) != len(names):
                 raise InputError(
                     path,
-                    f"expected {len(names)} {delimiter!r}-separated fields ({', '.join(names)}), found {len(fields)}",
+                    f"expected {len(names)} {delimiter!r}-separated fields ({', '.join(names)}), "
+                    f"found {len(fields)}",
                     "repair or remove this line",
                     line=number,
                 ) from cause
             for name, pos in positions.items():
                 if pa.types.is_integer(columns[name]) and not INT_RE.match(fields[pos]):
                     raise InputError(
-                        path, f"column {name!r} holds {fields[pos]!r}, not an integer", "repair this line",
+                        path,
+                        f"column {name!r} holds {fields[pos]!r}, not an integer",
+                        "repair this line",
                         line=number,
                     ) from cause
-    raise InputError(path, f"cannot parse the file ({cause})", "check its format against the README") from cause
+    raise InputError(
+        path, f"cannot parse the file ({cause})", "check its format against the README"
+    ) from cause
 
 
-def parse_id_lists(column: pa.ChunkedArray | pa.Array, path: Path, name: str, first_line: int) -> pa.ListArray:
+def parse_id_lists(
+    column: pa.ChunkedArray | pa.Array, path: Path, name: str, first_line: int
+) -> pa.ListArray:
     """Parse Python-style id lists such as ``[3, 17, 42]`` or ``[]`` without evaluating them."""
     text = pc.replace_substring_regex(column, r"[\[\]\s]", "")
     if isinstance(text, pa.ChunkedArray):
@@ -139,8 +152,16 @@ def parse_id_lists(column: pa.ChunkedArray | pa.Array, path: Path, name: str, fi
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def check_id_range(values: np.ndarray, low: int, high: int, path: Path, what: str, fix: str,
-                   first_line: int, row_of: np.ndarray | None = None) -> None:
+def check_id_range(
+    values: np.ndarray,
+    low: int,
+    high: int,
+    path: Path,
+    what: str,
+    fix: str,
+    first_line: int,
+    row_of: np.ndarray | None = None,
+) -> None:
     """Refuse ids outside [low, high], naming the line of the first one."""
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):

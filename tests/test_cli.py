@@ -1,0 +1,36 @@
+import shutil
+from pathlib import Path
+
+from lrd_dist.cli import main
+from lrd_dist.data.format import Manifest
+
+
+def test_demo_generates_verifies_and_streams_the_default(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--users", "300", "--items", "200"]) == 0
+    manifest = Manifest.load(tmp_path / "demo" / "data")
+    printed = capsys.readouterr().out
+    assert manifest.source == "synth" and manifest.num_users == 300
+    assert f"{manifest.samples['train']} samples" in printed
+
+
+def test_verify_reports_counts_and_refuses_a_damaged_shard(
+    synth_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    assert main(["verify", "--data", str(synth_dataset)]) == 0
+    manifest = Manifest.load(synth_dataset)
+    assert f"{manifest.samples['dev']} samples, sha256 and counts OK" in capsys.readouterr().out
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_dataset, copy)
+    shard = copy / manifest.shards_of("test")[0].path
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", "--data", str(copy)]) == 2
+    error = capsys.readouterr().err
+    assert shard.name in error and "sha256 differs" in error
+
+
+def test_prepare_requires_the_source_specific_options(tmp_path: Path, capsys) -> None:
+    assert main(["prepare", "--source", "amazon", "--out", str(tmp_path / "o")]) == 2
+    assert "--reviews is required" in capsys.readouterr().err
