@@ -64,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from lrd_dist.data.prepare import write_dataset
-
     if args.source == "rechorus":
         from lrd_dist.data.sources.rechorus import load_rechorus
 
@@ -82,20 +80,7 @@ def _prepare(args: argparse.Namespace) -> None:
         _need(args, "reviews")
         _need(args, "meta")
         catalog, interactions, stats = load_amazon(args.reviews, args.meta, args.min_interactions)
-    manifest = write_dataset(
-        args.out,
-        source=args.source,
-        catalog=catalog,
-        interactions=interactions,
-        max_history=args.max_history,
-        num_negatives=args.negatives,
-        seed=args.seed,
-        samples_per_shard=args.samples_per_shard,
-        block_size=args.block_size,
-        overwrite=args.overwrite,
-        stats=stats,
-    )
-    _print_summary(args.out, manifest)
+    _write(args, args.source, catalog, interactions, stats=stats)
 
 
 def _need(args: argparse.Namespace, name: str) -> None:
@@ -107,7 +92,6 @@ def _need(args: argparse.Namespace, name: str) -> None:
 
 def _synth(args: argparse.Namespace) -> None:
     from lrd_dist.data.format import PLANTED_PAIRS
-    from lrd_dist.data.prepare import write_dataset
     from lrd_dist.data.synth import SynthConfig, generate
 
     config = SynthConfig(
@@ -118,9 +102,23 @@ def _synth(args: argparse.Namespace) -> None:
         mean_length=args.mean_length,
     )
     catalog, interactions, planted = generate(config)
+    _write(
+        args,
+        "synth",
+        catalog,
+        interactions,
+        stats={"synth_relations": args.relations},
+        extra_tables={PLANTED_PAIRS: planted},
+    )
+
+
+def _write(args: argparse.Namespace, source: str, catalog, interactions, **extra) -> None:
+    """Write the dataset with the options every writing subcommand shares."""
+    from lrd_dist.data.prepare import write_dataset
+
     manifest = write_dataset(
         args.out,
-        source="synth",
+        source=source,
         catalog=catalog,
         interactions=interactions,
         max_history=args.max_history,
@@ -129,8 +127,7 @@ def _synth(args: argparse.Namespace) -> None:
         samples_per_shard=args.samples_per_shard,
         block_size=args.block_size,
         overwrite=args.overwrite,
-        extra_tables={PLANTED_PAIRS: planted},
-        stats={"synth_relations": args.relations},
+        **extra,
     )
     _print_summary(args.out, manifest)
 

@@ -1,0 +1,1 @@
+"""Data layer: sources -> prepared dataset directory (catalog, WebDataset shards, manifest) -> stream."""
