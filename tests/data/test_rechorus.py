@@ -178,3 +178,9 @@ def test_interrupted_prepare_leaves_no_directory(rechorus_dir: Path, tmp_path: P
     with pytest.raises(KeyboardInterrupt):
         main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(tmp_path / "o")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
+
+
+def test_duplicate_text_id_is_named(rechorus_dir: Path, tmp_path: Path) -> None:
+    path = rechorus_dir / "Toy.text"
+    path.write_text(path.read_text() + "A3\tAnother stapler\n")
+    _expect_error(rechorus_dir, tmp_path, "Toy.text", "line 8", "id A3 appears twice")

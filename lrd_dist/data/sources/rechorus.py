@@ -26,12 +26,18 @@ from lrd_dist.errors import InputError
 ID_COLUMNS = {"user_id": pa.int64(), "item_id": pa.int64(), "time": pa.int64()}
 
 
-def _duplicates(values: np.ndarray) -> np.ndarray:
-    """Positions of values that already occurred earlier."""
+def _refuse_duplicates(
+    values: np.ndarray, labels: pa.Array | np.ndarray, path: Path, first_line: int
+) -> None:
+    """Refuse the first value that already occurred earlier, naming its line."""
     _, first = np.unique(values, return_index=True)
-    mask = np.ones(len(values), dtype=bool)
-    mask[first] = False
-    return np.flatnonzero(mask)
+    repeated = np.ones(len(values), dtype=bool)
+    repeated[first] = False
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        raise InputError(
+            path, f"id {labels[row]} appears twice", "keep one line per item", line=row + first_line
+        )
 
 
 def _read_meta(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, pa.ListArray]]:
@@ -46,14 +52,7 @@ def _read_meta(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str,
     )
     table = read_delimited(path, types)
     ids = table.column("item_id").to_numpy()
-    duplicate = _duplicates(ids)
-    if len(duplicate):
-        raise InputError(
-            path,
-            f"item id {ids[duplicate[0]]} appears twice",
-            "keep one row per item",
-            line=int(duplicate[0]) + 2,
-        )
+    _refuse_duplicates(ids, ids, path, 2)
     check_id_range(ids, 1, np.iinfo(np.int32).max, path, "item id", "ids start at 1", 2)
     attrs = {c[2:]: table.column(c).to_numpy() for c in attributes}
     rels = {c[2:]: parse_id_lists(table.column(c), path, c, 2) for c in relations}
@@ -79,19 +78,9 @@ def _read_texts(directory: Path, name: str | None) -> tuple[Path, pa.Table] | No
     )
     for table, path, column, first in ((texts, text_path, "id", 2), (index, index_path, "source_id", 1)):
         keys = table.column(column).combine_chunks()
-        dup = _duplicates(pc.dictionary_encode(keys).indices.to_numpy())
-        if len(dup):
-            raise InputError(
-                path,
-                f"id {keys[int(dup[0])]} appears twice",
-                "keep one line per item",
-                line=int(dup[0]) + first,
-            )
-    dup_ids = _duplicates(index.column("item_id").to_numpy())
-    if len(dup_ids):
-        raise InputError(
-            index_path, "an item id appears twice", "keep one line per item", line=int(dup_ids[0]) + 1
-        )
+        _refuse_duplicates(pc.dictionary_encode(keys).indices.to_numpy(), keys, path, first)
+    item_ids = index.column("item_id").to_numpy()
+    _refuse_duplicates(item_ids, item_ids, index_path, 1)
     position = pc.fill_null(pc.index_in(texts.column("id"), value_set=index.column("source_id")), -1)
     position = position.to_numpy()
     unknown = np.flatnonzero(position < 0)
@@ -103,9 +92,8 @@ def _read_texts(directory: Path, name: str | None) -> tuple[Path, pa.Table] | No
             line=int(unknown[0]) + 2,
         )
     check_texts(texts.column("text").combine_chunks(), text_path, first_line=2)
-    item_ids = index.column("item_id").to_numpy()[position]
     return text_path, pa.table(
-        {"item_id": item_ids, "source_id": texts.column("id"), "text": texts.column("text")}
+        {"item_id": item_ids[position], "source_id": texts.column("id"), "text": texts.column("text")}
     )
 
 
