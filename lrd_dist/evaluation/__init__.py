@@ -1,0 +1,1 @@
+"""Ranking metrics under the sampled and the full-ranking protocols."""
