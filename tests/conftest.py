@@ -14,6 +14,7 @@ from lrd_dist.data.synth import SynthConfig, generate
 OFFICE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "office"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 
 def write_rechorus(directory: Path, *, name: str = "Toy") -> Path:

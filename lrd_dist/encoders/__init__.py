@@ -1,0 +1,1 @@
+"""Item encoders: language models over item texts, and the embedding tables they produce."""

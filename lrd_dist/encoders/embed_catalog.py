@@ -1,0 +1,59 @@
+"""``lrd-dist embed``: encode a dataset's catalog, one contiguous slice per process.
+
+Under ``accelerate launch`` each rank encodes items [r*n//W, (r+1)*n//W) and saves its slice next to
+the output; after a barrier rank 0 joins the slices into one table. Without a launcher it is one
+process encoding everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrd_dist.data.catalog import Catalog
+from lrd_dist.data.format import CATALOG
+from lrd_dist.encoders.text import EmbedConfig, catalog_checksum, encode_texts, load_encoder, save_table
+
+log = logging.getLogger(__name__)
+TABLE_NAME = "item_embeddings.safetensors"
+
+
+def embed_catalog(data: Path, config: EmbedConfig, out: Path | None = None) -> Path:
+    from accelerate import PartialState
+
+    config.validate()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = out or data / TABLE_NAME
+    texts = Catalog.read(data / CATALOG).texts.to_pylist()
+    lo = state.process_index * len(texts) // state.num_processes
+    hi = (state.process_index + 1) * len(texts) // state.num_processes
+    tokenizer, model = load_encoder(config)
+    model.to(state.device)
+    started = time.perf_counter()
+    part = encode_texts(texts[lo:hi], tokenizer, model, config)
+    seconds = time.perf_counter() - started
+    log.info(
+        "rank %d encoded %d items in %.1f s (%.0f items/s)",
+        state.process_index,
+        hi - lo,
+        seconds,
+        (hi - lo) / max(seconds, 1e-9),
+    )
+    if state.num_processes == 1:
+        save_table(out, part, config, catalog_checksum(texts))
+        return out
+    slice_path = out.with_name(f"{out.name}.rank{state.process_index}.npy")
+    np.save(slice_path, part, allow_pickle=False)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        slices = [out.with_name(f"{out.name}.rank{r}.npy") for r in range(state.num_processes)]
+        table = np.concatenate([np.load(p, allow_pickle=False) for p in slices])
+        save_table(out, table, config, catalog_checksum(texts))
+        for p in slices:
+            p.unlink()
+    state.wait_for_everyone()
+    return out
