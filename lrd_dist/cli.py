@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--trust-remote-code", action="store_true", help="only for models you trust")
     embed.add_argument("--out", type=Path, help="default: DATA/item_embeddings.safetensors")
 
+    train = commands.add_parser("train", help="train a recommender from a YAML config")
+    train.add_argument("--config", type=Path, help="YAML file (configs/...)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=2 model.name=rcf")
+
     demo = commands.add_parser("demo", help="the embedded default: synthetic data, verified and streamed")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--users", type=int, default=2000)
@@ -179,6 +183,14 @@ def _embed(args: argparse.Namespace) -> None:
     print(f"wrote {embed_catalog(args.data, config, args.out)}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from lrd_dist.config import load_config
+    from lrd_dist.train.loop import train
+
+    results = train(load_config(args.config, args.overrides))
+    print(json.dumps({k: results[k] for k in ("best_epoch", "dev", "test")}, indent=2))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 
@@ -228,7 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"prepare": _prepare, "synth": _synth, "verify": _verify, "embed": _embed, "demo": _demo}
+    handlers = {
+        "prepare": _prepare,
+        "synth": _synth,
+        "verify": _verify,
+        "embed": _embed,
+        "train": _train,
+        "demo": _demo,
+    }
     try:
         handlers[args.command](args)
     except InputError as exc:

@@ -1,0 +1,81 @@
+"""LRD: latent relations discovered from language, trained by reconstructing items (a DVAE).
+
+Relation extraction q(r | h, i): the language representations of a history item h and the target
+i are projected to V, concatenated and mapped to a softmax over all R relation slots. Item
+reconstruction: the triple score of (h, r, i) with ID embeddings,
+``q_r * (<e_h * w_r, e_i> + <e_h, w_r> + <e_i, w_r>)``, must beat the same score with a random
+negative item h' in place of h, per relation channel. An entropy term (weight alpha, added to the
+minimised loss) sharpens q towards one relation per pair.
+
+The module owns only the two projections: the entity and relation embeddings are the recommender's,
+passed in, which is how the discovered relations reach the recommender.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LatentRelationDiscovery(nn.Module):
+    def __init__(
+        self,
+        text_dim: int,
+        emb_size: int,
+        num_relations: int,
+        alpha: float = 0.1,
+        leave_one_latent: bool = False,
+    ) -> None:
+        super().__init__()
+        self.project_text = nn.Linear(text_dim, emb_size)
+        self.relation_logits = nn.Linear(2 * emb_size, num_relations)
+        self.alpha = alpha
+        self.first_decoded = 1 if leave_one_latent else 0
+        for layer in (self.project_text, self.relation_logits):
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+            nn.init.normal_(layer.bias, 0.0, 0.01)
+
+    def relation_distribution(self, history_text: torch.Tensor, target_text: torch.Tensor) -> torch.Tensor:
+        """q(r | h, i): [B, H, P] and [B, P] language vectors to [B, H, R] probabilities."""
+        history = self.project_text(history_text)
+        target = self.project_text(target_text)[:, None, :].expand_as(history)
+        return self.relation_logits(torch.cat([history, target], dim=-1)).softmax(dim=-1)
+
+    def loss(
+        self,
+        q: torch.Tensor,  # [B, H, R]
+        history: torch.Tensor,  # [B, H, V] ID embeddings of the history items
+        negatives: torch.Tensor,  # [B, H, V] ID embeddings of one random negative per position
+        target: torch.Tensor,  # [B, V]
+        relations: torch.Tensor,  # [R, V] the recommender's relation embeddings
+        mask: torch.Tensor,  # [B, H] real history positions of valid rows
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruction + alpha * entropy, averaged over the real (history, target) pairs."""
+        decoded = slice(self.first_decoded, None)
+        weights, relation = q[..., decoded], relations[decoded]
+        positive = self._triple_score(weights, history, target, relation)
+        negative = self._triple_score(weights, negatives, target, relation)
+        maskf = mask.to(q.dtype)
+        rows = maskf.sum(1) > 0
+        hit_rate = (torch.sigmoid(positive - negative) * maskf[..., None]).sum(1) / maskf.sum(1).clamp(min=1)[
+            :, None
+        ]
+        reconstruction = -torch.log(hit_rate[rows].clamp(min=1e-8)).mean()
+        entropy = -(q * torch.log(q.clamp(min=1e-12))).sum(-1)  # [B, H]
+        mean_entropy = (entropy * maskf).sum() / maskf.sum().clamp(min=1)
+        loss = reconstruction + self.alpha * mean_entropy / q.shape[-1]  # official: mean over r of -q log q
+        usage = F.one_hot(q.argmax(-1), q.shape[-1]).to(q.dtype)
+        stats = {
+            "reconstruction": reconstruction.detach(),
+            "entropy": mean_entropy.detach(),
+            "usage": (usage * maskf[..., None]).sum((0, 1)).detach() / maskf.sum().clamp(min=1),
+        }
+        return loss, stats
+
+    @staticmethod
+    def _triple_score(weights, items, target, relations) -> torch.Tensor:
+        """q_r * (DistMult(e_h, r, e_i) + e_h . r + e_i . r) -> [B, H, R]."""
+        distmult = torch.einsum("bhv,rv,bv->bhr", items, relations, target)
+        selectional = items @ relations.T + (target @ relations.T)[:, None, :]
+        return weights * (distmult + selectional)

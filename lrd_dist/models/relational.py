@@ -1,0 +1,138 @@
+"""RCF and KDA: attention over the history, once per relation slot, then across relation slots.
+
+For each candidate c and relation slot r the history is attended with the key
+``(r_r + e_value(c, r)) * e_c``; KDA multiplies the attention by a learned frequency-domain kernel
+of the time gaps, one per relation (the ReChorus "RCF" is KDA without it). The per-relation
+contexts interact through a weight-tied self-attention block across relation slots, are averaged,
+and score the candidate with the user embedding plus an item bias. Latent relations of LRD are
+just more slots: their embeddings are the ones the LRD decoder trains.
+
+Shapes: B batch, C candidates, H history, R relation slots, V embedding size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RelationInteraction(nn.Module):
+    """x <- LayerNorm(x + Dropout(W2 ReLU(W1 MHA(x)))), applied ``num_layers`` times with one set of
+    weights; MHA has bias-free q/k/v and no output projection (official)."""
+
+    def __init__(self, emb_size: int, num_heads: int, num_layers: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_layers = num_heads, num_layers
+        self.query = nn.Linear(emb_size, emb_size, bias=False)
+        self.key = nn.Linear(emb_size, emb_size, bias=False)
+        self.value = nn.Linear(emb_size, emb_size, bias=False)
+        self.hidden = nn.Linear(emb_size, emb_size)
+        self.output = nn.Linear(emb_size, emb_size)
+        self.norm = nn.LayerNorm(emb_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, r, v = x.shape
+        return x.view(n, r, self.num_heads, v // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V]
+        for _ in range(self.num_layers):
+            attended = F.scaled_dot_product_attention(
+                self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+            )
+            attended = attended.transpose(1, 2).reshape(x.shape)
+            x = self.norm(x + self.dropout(self.output(F.relu(self.hidden(attended)))))
+        return x
+
+
+class TemporalKernel(nn.Module):
+    """KDA's relational time decay: per relation, a real kernel of the normalised time gap given by
+    learned Fourier coefficients, clamped to [0, 1]."""
+
+    def __init__(self, num_relations: int, n_dft: int, t_scalar: float) -> None:
+        super().__init__()
+        frequencies = n_dft // 2 + 1
+        self.t_scalar = t_scalar
+        self.freq_real = nn.Parameter(torch.randn(num_relations, frequencies) * 0.01)
+        self.freq_imag = nn.Parameter(torch.randn(num_relations, frequencies) * 0.01)
+        self.register_buffer("frequencies", torch.linspace(0, 0.5, frequencies), persistent=False)
+
+    def forward(self, gap_seconds: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, H, R]
+        gap = torch.log2(gap_seconds.clamp(min=0).float() / self.t_scalar + 1e-6).clamp(min=0)
+        phase = 2 * math.pi * gap[..., None] * self.frequencies  # [B, H, F]
+        # Mirrored spectrum (real part even, imaginary part odd): both halves contribute the same.
+        decay = (
+            (torch.cos(phase) @ self.freq_real.T - torch.sin(phase) @ self.freq_imag.T) / phase.shape[-1] / 2
+        )
+        return decay.clamp(0, 1)
+
+
+class RelationalRecommender(nn.Module):
+    """RCF (``temporal=False``) or KDA (``temporal=True``) over ``num_relations`` slots."""
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        num_entities: int,
+        value_entity: torch.Tensor,  # [num_items + 1, R]: attribute value entity per item and slot
+        emb_size: int = 64,
+        num_layers: int = 5,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        temporal: bool = True,
+        t_scalar: float = 60.0,
+        n_dft: int = 64,
+    ) -> None:
+        super().__init__()
+        num_relations = value_entity.shape[1]
+        self.user_embeddings = nn.Embedding(num_users + 1, emb_size)
+        self.entity_embeddings = nn.Embedding(num_entities, emb_size, padding_idx=0)
+        self.relation_embeddings = nn.Embedding(num_relations, emb_size)
+        self.item_bias = nn.Embedding(num_items + 1, 1)
+        self.interaction = RelationInteraction(emb_size, num_heads, num_layers, dropout)
+        self.register_buffer("value_entity", value_entity.long(), persistent=False)
+        self.apply(_init_weights)
+        self.kernel = TemporalKernel(num_relations, n_dft, t_scalar) if temporal else None
+
+    def forward(
+        self,
+        user: torch.Tensor,  # [B]
+        history_items: torch.Tensor,  # [B, H]
+        history_times: torch.Tensor,  # [B, H]
+        history_length: torch.Tensor,  # [B]
+        target_time: torch.Tensor,  # [B]
+        candidates: torch.Tensor,  # [B, C]
+    ) -> torch.Tensor:  # [B, C]
+        history = self.entity_embeddings(history_items)  # [B, H, V]
+        items = self.entity_embeddings(candidates)  # [B, C, V]
+        values = self.entity_embeddings(self.value_entity[candidates])  # [B, C, R, V]
+        keys = (self.relation_embeddings.weight + values) * items[:, :, None, :]  # [B, C, R, V]
+        logits = torch.einsum("bhv,bcrv->bchr", history, keys)
+        valid = torch.arange(history_items.shape[1], device=user.device)[None, :] < history_length[:, None]
+        logits = logits.masked_fill(~valid[:, None, :, None], torch.finfo(logits.dtype).min)
+        attention = logits.softmax(dim=2) * valid[:, None, :, None]
+        if self.kernel is not None:
+            decay = self.kernel(target_time[:, None] - history_times) * valid[..., None]  # [B, H, R]
+            attention = attention * decay[:, None]
+        context = torch.einsum("bchr,bhv->bcrv", attention, history)
+        batch, count, relations, size = context.shape
+        pooled = (
+            self.interaction(context.reshape(batch * count, relations, size)).mean(1).view(batch, count, size)
+        )
+        user_vector = self.user_embeddings(user)[:, None, :]
+        return ((user_vector + pooled) * items).sum(-1) + self.item_bias(candidates).squeeze(-1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """N(0, 0.01) for every Linear and Embedding weight and bias (official); LayerNorm keeps its defaults."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, 0.0, 0.01)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        if getattr(module, "bias", None) is not None:
+            nn.init.normal_(module.bias, 0.0, 0.01)

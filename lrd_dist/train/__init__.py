@@ -1,0 +1,1 @@
+"""Training: the loop (single process or under accelerate launch)."""
