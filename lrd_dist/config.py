@@ -46,6 +46,7 @@ class LRDConfig:
     enabled: bool = False
     weight: float = 10.0  # lambda
     alpha: float = 0.1  # entropy weight (added: sharpens q)
+    balance: float = 0.0  # weight of the batch-marginal entropy of q (maximised; 0 = official, collapses)
     embeddings: str = ""  # item_embeddings.safetensors; default: <data.dir>/item_embeddings.safetensors
 
 

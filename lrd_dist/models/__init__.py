@@ -42,6 +42,11 @@ def build_model(
     lrd = None
     if config.lrd.enabled:
         lrd = LatentRelationDiscovery(
-            item_text.shape[1], model.emb_size, graph.slots.total, config.lrd.alpha, model.leave_one_latent
+            item_text.shape[1],
+            model.emb_size,
+            graph.slots.total,
+            config.lrd.alpha,
+            model.leave_one_latent,
+            config.lrd.balance,
         )
     return Recommender(backbone, lrd, item_text if config.lrd.enabled else None)
