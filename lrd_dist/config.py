@@ -47,6 +47,8 @@ class LRDConfig:
     weight: float = 10.0  # lambda
     alpha: float = 0.1  # entropy weight (added: sharpens q)
     balance: float = 0.0  # weight of the batch-marginal entropy of q (maximised; 0 = official, collapses)
+    standardize_text: bool = False  # remove the catalog mean of the text vectors, scale to unit variance
+    hard_negatives: float = 0.0  # share of reconstruction negatives drawn from the target's predecessors
     embeddings: str = ""  # item_embeddings.safetensors; default: <data.dir>/item_embeddings.safetensors
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lrd_dist.config import RunConfig, to_yaml
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG, Manifest
-from lrd_dist.data.graph import KnowledgeGraph
+from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.encoders.text import load_table
@@ -52,6 +52,11 @@ def train(config: RunConfig) -> dict:
     item_text = None
     if config.lrd.enabled:
         item_text, _ = load_table(config.lrd.embeddings or data / TABLE_NAME, catalog.texts.to_pylist())
+        if config.lrd.standardize_text:
+            # Sentence vectors share a large common direction; what tells relations apart is in
+            # the rest. Without this the encoder sees almost the same input for every pair.
+            real = item_text[1:]
+            item_text[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
 
     def stream(split: str, shuffle: bool) -> SequenceStream:
         loader = LoaderConfig(
@@ -84,6 +89,9 @@ def train(config: RunConfig) -> dict:
     use_kg = relational and gamma > 0 and graph.num_triples > 0
     rng = np.random.default_rng([config.train.seed, accelerator.process_index])
     generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
+    predecessors = None
+    if config.lrd.enabled and config.lrd.hard_negatives > 0:
+        predecessors = PredecessorTable(make_loader(stream("train", False)), manifest.num_items)
     parameters = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log.info(
         "model %s: %d trainable parameters, %d relation slots, gamma %.4f",
@@ -130,7 +138,13 @@ def train(config: RunConfig) -> dict:
             if config.lrd.enabled:
                 lrd_negatives = sample_negatives(
                     batch, tuple(batch["history_items"].shape), manifest.num_items, generator
-                ).to(accelerator.device)
+                )
+                if predecessors is not None:
+                    hard = predecessors.sample(batch["target"].cpu(), lrd_negatives, rng)
+                    use_hard = torch.rand(hard.shape, generator=generator) < config.lrd.hard_negatives
+                    use_hard &= hard != batch["history_items"].cpu()
+                    lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
+                lrd_negatives = lrd_negatives.to(accelerator.device)
             kg = (
                 {
                     k: v.to(accelerator.device)

@@ -151,3 +151,41 @@ def test_sasrec_is_causal_over_the_real_history() -> None:
     padding = torch.arange(6)[None, :] >= batch["history_length"][:, None]
     changed["history_items"] = torch.where(padding, 7, batch["history_items"])
     assert torch.allclose(before, Recommender(model).score(changed, candidates), atol=1e-5)
+
+
+def test_balance_term_rewards_using_several_relations() -> None:
+    torch.manual_seed(0)
+    lrd = LatentRelationDiscovery(text_dim=8, emb_size=4, num_relations=3, alpha=0.0, balance=1.0)
+    args = (
+        torch.randn(2, 4, 4),
+        torch.randn(2, 4, 4),
+        torch.randn(2, 4),
+        torch.randn(3, 4),
+        torch.ones(2, 4, dtype=torch.bool),
+    )
+    collapsed = torch.zeros(2, 4, 3)
+    collapsed[..., 0] = 1.0
+    spread = torch.zeros(2, 4, 3)
+    spread[0, :, 1] = 1.0
+    spread[1, :2, 2] = 1.0
+    spread[1, 2:, 0] = 1.0
+    _, stats_collapsed = lrd.loss(collapsed, *args)
+    _, stats_spread = lrd.loss(spread, *args)
+    assert stats_collapsed["marginal_entropy"] < 1e-6 < stats_spread["marginal_entropy"]
+
+
+def test_predecessor_table_draws_items_that_preceded_the_target() -> None:
+    from lrd_dist.data.graph import PredecessorTable
+
+    batch = {
+        "valid": torch.tensor([True, True, True, False]),
+        "history_length": torch.tensor([2, 1, 3, 1]),
+        "history_items": torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 6], [7, 0, 0]]),
+        "target": torch.tensor([9, 9, 8, 9]),
+    }
+    table = PredecessorTable([batch], num_items=10)
+    fallback = torch.full((3, 50), -1)
+    drawn = table.sample(torch.tensor([9, 8, 1]), fallback, np.random.default_rng(0))
+    assert set(drawn[0].tolist()) == {2, 3}  # the padding row's 7 is not a predecessor
+    assert set(drawn[1].tolist()) == {6}
+    assert set(drawn[2].tolist()) == {-1}  # no predecessor: the fallback
