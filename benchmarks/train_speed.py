@@ -69,7 +69,7 @@ def main() -> None:
             if config.lrd.enabled
             else None
         )
-        losses = model.losses(batch, negatives, lrd_negatives, graph.sample(len(batch["user"]), rng))
+        losses = model(batch, negatives, lrd_negatives, graph.sample(len(batch["user"]), rng))
         total = losses["rec"] + gamma * losses["kg"] + config.lrd.weight * losses.get("lrd", 0.0)
         optimizer.zero_grad()
         total.backward()

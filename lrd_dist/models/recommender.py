@@ -1,8 +1,9 @@
 """The trained model: a backbone, and for RCF/KDA the KG term and optionally LRD, behind two calls.
 
-``score(batch, candidates)`` ranks candidates; ``losses(batch, ...)`` returns the recommendation, KG
-and LRD losses of a training batch (weighted by the loader's ``valid`` rows). Negatives and KG
-triples are drawn by the caller, so this module holds no randomness of its own beyond dropout.
+``score(batch, candidates)`` ranks candidates; ``forward(batch, ...)``, the training call (so that a
+DDP wrapper sees it), returns the recommendation, KG and LRD losses of a training batch, weighted
+by the loader's ``valid`` rows. Negatives and KG triples are drawn by the caller, so this module
+holds no randomness of its own beyond dropout.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Recommender(nn.Module):
         """q(r | h, i) for [B, H] history items and [B] targets."""
         return self.lrd.relation_distribution(self.item_text[history_items], self.item_text[targets])
 
-    def losses(
+    def forward(
         self,
         batch: dict[str, torch.Tensor],
         negatives: torch.Tensor,  # [B] one recommendation negative per row

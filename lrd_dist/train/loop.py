@@ -29,7 +29,7 @@ from lrd_dist.encoders.text import load_table
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.evaluation.relations import relation_agreement
 from lrd_dist.models import build_model
-from lrd_dist.models.recommender import sample_negatives
+from lrd_dist.train.sampling import TrainingSampler
 
 log = logging.getLogger(__name__)
 COLLAPSE_SHARE = 0.95  # warn when one relation takes this share of the (history, target) pairs
@@ -87,11 +87,10 @@ def train(config: RunConfig) -> dict:
     core = accelerator.unwrap_model(model)
     gamma = graph.num_triples / manifest.num_interactions if config.kg.gamma < 0 else config.kg.gamma
     use_kg = relational and gamma > 0 and graph.num_triples > 0
-    rng = np.random.default_rng([config.train.seed, accelerator.process_index])
-    generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
     predecessors = None
     if config.lrd.enabled and config.lrd.hard_negatives > 0:
         predecessors = PredecessorTable(make_loader(stream("train", False)), manifest.num_items)
+    sampler = TrainingSampler(config, graph, predecessors, use_kg, accelerator.process_index)
     parameters = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log.info(
         "model %s: %d trainable parameters, %d relation slots, gamma %.4f",
@@ -131,30 +130,11 @@ def train(config: RunConfig) -> dict:
             leave=False,
         )
         for batch in bar:
+            inputs = sampler.draw(batch)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            rows = len(batch["user"])
-            negatives = sample_negatives(batch, (rows,), manifest.num_items, generator).to(accelerator.device)
-            lrd_negatives = None
-            if config.lrd.enabled:
-                lrd_negatives = sample_negatives(
-                    batch, tuple(batch["history_items"].shape), manifest.num_items, generator
-                )
-                if predecessors is not None:
-                    hard = predecessors.sample(batch["target"].cpu(), lrd_negatives, rng)
-                    use_hard = torch.rand(hard.shape, generator=generator) < config.lrd.hard_negatives
-                    use_hard &= hard != batch["history_items"].cpu()
-                    lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
-                lrd_negatives = lrd_negatives.to(accelerator.device)
-            kg = (
-                {
-                    k: v.to(accelerator.device)
-                    for k, v in graph.sample(rows, rng, config.kg.neg_head_p).items()
-                }
-                if use_kg
-                else None
-            )
+            inputs = _to_device(inputs, accelerator.device)
             with accelerator.autocast():
-                losses = core.losses(batch, negatives, lrd_negatives, kg)
+                losses = model(batch, **inputs)  # through the wrapper, so DDP synchronises gradients
                 total = (
                     losses["rec"] + gamma * losses.get("kg", 0.0) + config.lrd.weight * losses.get("lrd", 0.0)
                 )
@@ -225,3 +205,11 @@ def train(config: RunConfig) -> dict:
         )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value

@@ -1,0 +1,46 @@
+"""Per-step random inputs of training: recommendation negatives, LRD reconstruction negatives and
+KG triples, drawn vectorised from seeded generators (one stream per rank)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lrd_dist.config import RunConfig
+from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
+from lrd_dist.models.recommender import sample_negatives
+
+
+class TrainingSampler:
+    def __init__(
+        self,
+        config: RunConfig,
+        graph: KnowledgeGraph,
+        predecessors: PredecessorTable | None,
+        use_kg: bool,
+        rank: int,
+    ) -> None:
+        self.config = config
+        self.graph = graph
+        self.predecessors = predecessors
+        self.use_kg = use_kg
+        self.rng = np.random.default_rng([config.train.seed, rank])
+        self.generator = torch.Generator().manual_seed(config.train.seed * 1009 + rank)
+
+    def draw(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | dict | None]:
+        """Inputs for ``Recommender.forward`` besides the batch, on the CPU."""
+        num_items = self.graph.num_items
+        rows = len(batch["user"])
+        negatives = sample_negatives(batch, (rows,), num_items, self.generator)
+        lrd_negatives = None
+        if self.config.lrd.enabled:
+            lrd_negatives = sample_negatives(
+                batch, tuple(batch["history_items"].shape), num_items, self.generator
+            )
+            if self.predecessors is not None:
+                hard = self.predecessors.sample(batch["target"], lrd_negatives, self.rng)
+                use_hard = torch.rand(hard.shape, generator=self.generator) < self.config.lrd.hard_negatives
+                use_hard &= hard != batch["history_items"]
+                lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
+        kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
+        return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg}
