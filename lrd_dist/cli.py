@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML file (configs/...)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=2 model.name=rcf")
 
+    relations = commands.add_parser(
+        "relations", help="HTML/PNG report of the relations an LRD run discovered"
+    )
+    relations.add_argument("--run", required=True, type=Path, help="run directory of lrd-dist train")
+    relations.add_argument("--top", type=int, default=10, help="pairs shown per relation")
+
     demo = commands.add_parser("demo", help="the embedded default: synthetic data, embeddings, KDA+LRD")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--users", type=int, default=2000)
@@ -191,6 +197,12 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({k: results[k] for k in ("best_epoch", "dev", "test")}, indent=2))
 
 
+def _relations(args: argparse.Namespace) -> None:
+    from lrd_dist.evaluation.report import relation_report
+
+    print(f"wrote {relation_report(args.run, top=args.top)}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     """The embedded default end to end: planted-relation data, MiniLM item embeddings, KDA+LRD."""
     from lrd_dist.config import load_config
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify": _verify,
         "embed": _embed,
         "train": _train,
+        "relations": _relations,
         "demo": _demo,
     }
     try:

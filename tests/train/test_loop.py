@@ -133,3 +133,33 @@ def test_embeddings_of_another_catalog_are_refused(
     )
     with pytest.raises(InputError, match="another catalog"):
         train(config)
+
+
+def test_relation_report_shows_pairs_usage_and_heatmap(synth_with_embeddings: Path, tmp_path: Path) -> None:
+    from lrd_dist.cli import main
+    from lrd_dist.data.catalog import Catalog
+
+    train(
+        load_config(
+            CONFIGS / "synth" / "kda_lrd.yaml",
+            _overrides(synth_with_embeddings, tmp_path, "train.epochs=1", "model.latent_relations=2"),
+        )
+    )
+    assert main(["relations", "--run", str(tmp_path), "--top", "3"]) == 0
+    page = (tmp_path / "relations" / "index.html").read_text()
+    for figure in ("usage.png", "heatmap.png"):
+        assert (tmp_path / "relations" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{figure}"' in page
+    names = ["virtual", "rel:co_view", "attr:category", "attr:brand", "latent:0", "latent:1"]
+    assert [line.split(":")[0] for line in page.split("<h2>")[1:]] == [n.split(":")[0] for n in names]
+    assert page.count('<td class="q">') == 3 * len(names)
+    texts = Catalog.read(synth_with_embeddings / "catalog.parquet").texts.to_pylist()
+    assert sum(text in page for text in texts) >= 3
+
+
+def test_relation_report_refuses_a_run_without_lrd(synth_with_embeddings: Path, tmp_path: Path) -> None:
+    from lrd_dist.evaluation.report import relation_report
+
+    train(load_config(None, _overrides(synth_with_embeddings, tmp_path, "train.epochs=1")))
+    with pytest.raises(InputError, match="no LRD module"):
+        relation_report(tmp_path)
