@@ -47,6 +47,7 @@ class LRDConfig:
     weight: float = 10.0  # lambda
     alpha: float = 0.1  # entropy weight (added: sharpens q)
     balance: float = 0.0  # weight of the batch-marginal entropy of q (maximised; 0 = official, collapses)
+    slots: str = "all"  # all: q over every relation slot (official); latent: only the K latent slots
     standardize_text: bool = False  # remove the catalog mean of the text vectors, scale to unit variance
     hard_negatives: float = 0.0  # share of reconstruction negatives drawn from the target's predecessors
     embeddings: str = ""  # item_embeddings.safetensors; default: <data.dir>/item_embeddings.safetensors
@@ -116,6 +117,14 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
     if config.lrd.enabled and config.model.latent_relations < 1:
         raise InputError(
             where, "lrd.enabled with model.latent_relations=0", "set model.latent_relations >= 1"
+        )
+    if config.lrd.slots not in ("all", "latent"):
+        raise InputError(where, f"lrd.slots={config.lrd.slots!r}", "use all or latent")
+    if config.lrd.slots == "latent" and config.model.leave_one_latent:
+        raise InputError(
+            where,
+            "model.leave_one_latent with lrd.slots=latent",
+            "leave_one_latent drops the virtual slot, which latent-only q does not have",
         )
     if config.eval.ties not in ("pessimistic", "legacy"):
         raise InputError(where, f"eval.ties={config.eval.ties!r}", "use pessimistic or legacy")

@@ -46,9 +46,9 @@ def purity(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 @torch.inference_mode()
 def relation_agreement(
-    model: Recommender, batches: Iterable[dict[str, torch.Tensor]], num_relations: int
+    model: Recommender, batches: Iterable[dict[str, torch.Tensor]]
 ) -> dict[str, float | list[int]]:
-    predicted, truth = [], []
+    predicted, truth, width = [], [], 0
     for batch in batches:
         offset, relation = batch["planted_offset"], batch["planted_relation"]
         length = batch["history_length"]
@@ -58,6 +58,7 @@ def relation_agreement(
         source = batch["history_items"][keep].gather(1, (length[keep] - offset[keep])[:, None])
         q = model.relation_distribution(source, batch["target"][keep])[:, 0]
         predicted.append(q.argmax(-1).cpu().numpy())
+        width = q.shape[-1]
         truth.append(relation[keep].cpu().numpy())
     predicted_all = np.concatenate(predicted) if predicted else np.zeros(0, int)
     truth_all = np.concatenate(truth) if truth else np.zeros(0, int)
@@ -65,5 +66,5 @@ def relation_agreement(
         "pairs": len(truth_all),
         "nmi": nmi(predicted_all, truth_all),
         "purity": purity(predicted_all, truth_all),
-        "usage": np.bincount(predicted_all, minlength=num_relations).tolist(),
+        "usage": np.bincount(predicted_all, minlength=width).tolist(),
     }

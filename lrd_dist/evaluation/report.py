@@ -81,7 +81,7 @@ def relation_report(run: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
         ]
     ).numpy()
     winner = q.argmax(1)
-    names = graph.slots.names()
+    names = graph.slots.names()[model.lrd_first_slot :]
     out = run / "relations"
     out.mkdir(exist_ok=True)
     _usage_figure(names, np.bincount(winner, minlength=len(names)), out / "usage.png")

@@ -44,9 +44,10 @@ def build_model(
         lrd = LatentRelationDiscovery(
             item_text.shape[1],
             model.emb_size,
-            graph.slots.total,
+            graph.slots.total if config.lrd.slots == "all" else graph.slots.latent,
             config.lrd.alpha,
             model.leave_one_latent,
             config.lrd.balance,
         )
-    return Recommender(backbone, lrd, item_text if config.lrd.enabled else None)
+    first_slot = 0 if config.lrd.slots == "all" else graph.slots.predefined
+    return Recommender(backbone, lrd, item_text if config.lrd.enabled else None, first_slot)

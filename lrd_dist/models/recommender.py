@@ -23,6 +23,7 @@ class Recommender(nn.Module):
         backbone: RelationalRecommender | SASRec,
         lrd: LatentRelationDiscovery | None = None,
         item_text: torch.Tensor | None = None,
+        lrd_first_slot: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -30,6 +31,8 @@ class Recommender(nn.Module):
         # Frozen language representations [num_items + 1, P]; loaded from the embedding table, so
         # not part of the state dict.
         self.register_buffer("item_text", item_text, persistent=False)
+        # q(r | h, i) covers relation slots lrd_first_slot.. (0: all slots, official; or only latent)
+        self.lrd_first_slot = lrd_first_slot
 
     @property
     def relational(self) -> bool:
@@ -78,7 +81,7 @@ class Recommender(nn.Module):
                 entities(history),
                 entities(lrd_negatives),
                 entities(batch["target"]),
-                relations.weight,
+                relations.weight[self.lrd_first_slot :],
                 mask,
             )
             out["lrd"] = loss

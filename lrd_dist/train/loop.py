@@ -200,9 +200,7 @@ def train(config: RunConfig) -> dict:
         "seconds": time.perf_counter() - started,
     }
     if config.lrd.enabled and "planted_relation" in manifest.extra_fields:
-        results["relation_discovery"] = relation_agreement(
-            core, make_loader(stream("train", False)), graph.slots.total
-        )
+        results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

@@ -81,6 +81,7 @@ def test_training_learns_and_writes_its_run_directory(
     if name != "sasrec":
         assert "lrd_usage" in steps[-1] and len(steps[-1]["lrd_usage"]) == 1 + 1 + 2 + 3
         assert 0 <= results["relation_discovery"]["nmi"] <= 1
+        assert len(results["relation_discovery"]["usage"]) == 1 + 1 + 2 + 3
 
 
 def test_early_stopping_keeps_the_best_epoch(synth_with_embeddings: Path, tmp_path: Path) -> None:
@@ -98,6 +99,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(None, ["train.no_such_key=1"])
     with pytest.raises(InputError, match="latent_relations"):
         load_config(None, ["lrd.enabled=true"])
+    with pytest.raises(InputError, match="leave_one_latent"):
+        load_config(None, ["lrd.slots=latent", "model.leave_one_latent=true"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: gru}\n")
     with pytest.raises(InputError, match=r"model\.name"):
@@ -163,3 +166,17 @@ def test_relation_report_refuses_a_run_without_lrd(synth_with_embeddings: Path, 
     train(load_config(None, _overrides(synth_with_embeddings, tmp_path, "train.epochs=1")))
     with pytest.raises(InputError, match="no LRD module"):
         relation_report(tmp_path)
+
+
+def test_latent_only_relations_cover_the_latent_slots(synth_with_embeddings: Path, tmp_path: Path) -> None:
+    config = load_config(
+        CONFIGS / "synth" / "kda_lrd.yaml",
+        _overrides(
+            synth_with_embeddings, tmp_path, "train.epochs=1", "model.latent_relations=3", "lrd.slots=latent"
+        ),
+    )
+    results = train(config)
+    assert len(results["relation_discovery"]["usage"]) == 3
+    first_log = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    usage = json.loads(first_log)["lrd_usage"]
+    assert len(usage) == 3 and abs(sum(usage) - 1) < 1e-4
