@@ -19,8 +19,11 @@ def evaluate(
     full_ranking: bool = False,
     num_items: int = 0,
     item_chunk: int = 512,
+    gather=None,
 ) -> dict[str, float]:
-    """HR/NDCG@k over the split; loader padding rows (``valid=False``) are not counted."""
+    """HR/NDCG@k over the split; loader padding rows (``valid=False``) are not counted. Under
+    several processes pass ``gather`` (accelerate's ``gather_object``): each rank scores its part
+    of the users and every rank gets the metrics of all of them."""
     was_training = model.training
     model.eval()
     metrics = RankingMetrics(ks=tuple(ks))
@@ -44,4 +47,6 @@ def evaluate(
             rank, tied = ground_truth_rank(scores[:, 0], scores[:, 1:], ties)
         metrics.update(rank, tied, batch["valid"])
     model.train(was_training)
+    if gather is not None:
+        metrics = metrics.gathered(gather)
     return metrics.compute()

@@ -58,6 +58,13 @@ class RankingMetrics:
         self.ranks.append(rank.detach().cpu())
         self.ties.append(tied.detach().cpu())
 
+    def gathered(self, gather) -> RankingMetrics:
+        """Every process's examples, for identical metrics on all ranks. ``gather`` maps a local
+        list to the concatenation of all processes' lists (accelerate's ``gather_object``)."""
+        local = [torch.cat(self.ranks), torch.cat(self.ties)] if self.ranks else []
+        parts = gather([local])
+        return RankingMetrics(self.ks, [p[0] for p in parts if p], [p[1] for p in parts if p])
+
     def compute(self) -> dict[str, float]:
         rank = torch.cat(self.ranks).double() if self.ranks else torch.zeros(0, dtype=torch.float64)
         out: dict[str, float] = {"examples": float(len(rank))}

