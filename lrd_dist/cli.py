@@ -190,11 +190,14 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from lrd_dist.config import load_config
     from lrd_dist.train.loop import train
 
     results = train(load_config(args.config, args.overrides))
-    print(json.dumps({k: results[k] for k in ("best_epoch", "dev", "test")}, indent=2))
+    if PartialState().is_main_process:
+        print(json.dumps({k: results[k] for k in ("best_epoch", "dev", "test")}, indent=2))
 
 
 def _relations(args: argparse.Namespace) -> None:
