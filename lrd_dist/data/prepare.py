@@ -121,17 +121,19 @@ def write_dataset(
         }
         repeated = {DEV: 0, TEST: 0}
         try:
-            shards = _write_samples(
-                ordered,
-                interactions,
-                writers,
-                rng,
-                clicked,
-                num_negatives,
-                catalog.num_items,
-                max_history,
-                repeated,
-            )
+            for split, rows, columns in iter_sample_chunks(ordered, max_history):
+                if split == TRAIN:
+                    permutation = rng.permutation(len(rows))
+                    columns = {k: v[permutation] for k, v in columns.items()}
+                elif interactions.negatives:
+                    columns["negatives"] = interactions.negatives[split][ordered.negative_row[rows]]
+                    repeated[split] += repeated_negative_rows(columns["negatives"])
+                else:
+                    columns["negatives"] = sample_negatives(
+                        columns["user"], num_negatives, catalog.num_items, clicked, rng
+                    )
+                writers[split].add(columns)
+            shards = [info for split in (TRAIN, DEV, TEST) for info in writers[split].close()]
         except BaseException:
             for writer in writers.values():
                 writer.abort()
@@ -166,20 +168,3 @@ def write_dataset(
             f"({samples['train']} train, {samples['dev']} dev, {samples['test']} test)"
         )
     return manifest
-
-
-def _write_samples(
-    ordered, interactions, writers, rng, clicked, num_negatives, num_items, max_history, repeated
-) -> list:
-    """Build samples chunk by chunk and hand them to the split writers; returns the shard list."""
-    for split, rows, columns in iter_sample_chunks(ordered, max_history):
-        if split == TRAIN:
-            permutation = rng.permutation(len(rows))
-            columns = {k: v[permutation] for k, v in columns.items()}
-        elif interactions.negatives:
-            columns["negatives"] = interactions.negatives[split][ordered.negative_row[rows]]
-            repeated[split] += repeated_negative_rows(columns["negatives"])
-        else:
-            columns["negatives"] = sample_negatives(columns["user"], num_negatives, num_items, clicked, rng)
-        writers[split].add(columns)
-    return [info for split in (TRAIN, DEV, TEST) for info in writers[split].close()]
