@@ -47,6 +47,10 @@ class LRDConfig:
     weight: float = 10.0  # lambda
     alpha: float = 0.1  # entropy weight (added: sharpens q)
     balance: float = 0.0  # weight of the batch-marginal entropy of q (maximised; 0 = official, collapses)
+    decoder: str = (
+        "official"  # official: one negative, per-relation sigmoid; softmax: N negatives, mixed score
+    )
+    num_negatives: int = 8  # softmax decoder: candidates per pair
     slots: str = "all"  # all: q over every relation slot (official); latent: only the K latent slots
     standardize_text: bool = False  # remove the catalog mean of the text vectors, scale to unit variance
     hard_negatives: float = 0.0  # share of reconstruction negatives drawn from the target's predecessors
@@ -118,6 +122,8 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         raise InputError(
             where, "lrd.enabled with model.latent_relations=0", "set model.latent_relations >= 1"
         )
+    if config.lrd.decoder not in ("official", "softmax"):
+        raise InputError(where, f"lrd.decoder={config.lrd.decoder!r}", "use official or softmax")
     if config.lrd.slots not in ("all", "latent"):
         raise InputError(where, f"lrd.slots={config.lrd.slots!r}", "use all or latent")
     if config.lrd.slots == "latent" and config.model.leave_one_latent:

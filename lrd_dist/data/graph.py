@@ -176,9 +176,11 @@ class PredecessorTable:
         self.offsets = np.searchsorted(targets, np.arange(num_items + 2))
 
     def sample(self, targets: torch.Tensor, fallback: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """[B] targets -> [B, H] random predecessors of each target; ``fallback`` [B, H] where none."""
+        """[B] targets -> random predecessors of each target, shaped like ``fallback`` ([B, ...]),
+        which is used where a target has none."""
         flat = targets.numpy()
         start, count = self.offsets[flat], self.offsets[flat + 1] - self.offsets[flat]
-        pick = start[:, None] + (rng.random(fallback.shape) * count[:, None]).astype(np.int64)
+        expand = (slice(None),) + (None,) * (fallback.dim() - 1)
+        pick = start[expand] + (rng.random(tuple(fallback.shape)) * count[expand]).astype(np.int64)
         chosen = self.predecessors[np.minimum(pick, max(len(self.predecessors) - 1, 0))]
-        return torch.where(torch.from_numpy(count > 0)[:, None], torch.from_numpy(chosen), fallback)
+        return torch.where(torch.from_numpy(count > 0)[expand], torch.from_numpy(chosen), fallback)

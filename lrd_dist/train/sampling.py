@@ -34,13 +34,15 @@ class TrainingSampler:
         negatives = sample_negatives(batch, (rows,), num_items, self.generator)
         lrd_negatives = None
         if self.config.lrd.enabled:
-            lrd_negatives = sample_negatives(
-                batch, tuple(batch["history_items"].shape), num_items, self.generator
-            )
+            shape = tuple(batch["history_items"].shape)
+            if self.config.lrd.decoder == "softmax":
+                shape += (self.config.lrd.num_negatives,)
+            lrd_negatives = sample_negatives(batch, shape, num_items, self.generator)
             if self.predecessors is not None:
                 hard = self.predecessors.sample(batch["target"], lrd_negatives, self.rng)
                 use_hard = torch.rand(hard.shape, generator=self.generator) < self.config.lrd.hard_negatives
-                use_hard &= hard != batch["history_items"]
+                history = batch["history_items"].view(*batch["history_items"].shape, *[1] * (hard.dim() - 2))
+                use_hard &= hard != history
                 lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
         kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
         return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg}

@@ -189,3 +189,17 @@ def test_predecessor_table_draws_items_that_preceded_the_target() -> None:
     assert set(drawn[0].tolist()) == {2, 3}  # the padding row's 7 is not a predecessor
     assert set(drawn[1].tolist()) == {6}
     assert set(drawn[2].tolist()) == {-1}  # no predecessor: the fallback
+
+
+def test_softmax_decoder_ranks_the_true_history_item_among_candidates() -> None:
+    torch.manual_seed(0)
+    lrd = LatentRelationDiscovery(text_dim=8, emb_size=4, num_relations=2, alpha=0.0)
+    relations = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    target = torch.ones(1, 4)
+    q = torch.tensor([[[1.0, 0.0]]])  # relation 0: only the first two dimensions matter
+    good_history = torch.tensor([[[3.0, 3.0, -3.0, -3.0]]])
+    candidates = torch.tensor([[[[-3.0, -3.0, 3.0, 3.0], [0.0, 0.0, 5.0, 5.0]]]])  # [B, H, N, V]
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    low, _ = lrd.loss(q, good_history, candidates, target, relations, mask)
+    high, _ = lrd.loss(torch.tensor([[[0.0, 1.0]]]), good_history, candidates, target, relations, mask)
+    assert low < 0.01 < high  # under the right relation the true item wins; under the other it loses
