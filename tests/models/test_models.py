@@ -4,9 +4,10 @@ import torch
 
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.models.lrd import LatentRelationDiscovery
-from lrd_dist.models.recommender import Recommender, sample_negatives
+from lrd_dist.models.recommender import Recommender
 from lrd_dist.models.relational import RelationalRecommender, TemporalKernel
 from lrd_dist.models.sasrec import SASRec
+from lrd_dist.train.sampling import draw_uniform_negatives
 
 
 def _batch(rows: int = 4, history: int = 6, items: int = 30) -> dict[str, torch.Tensor]:
@@ -106,7 +107,7 @@ def test_leave_one_latent_drops_the_virtual_relation_from_the_decoder() -> None:
 def test_training_negatives_avoid_the_target_and_the_history() -> None:
     batch = _batch(items=12)
     generator = torch.Generator().manual_seed(1)
-    negatives = sample_negatives(batch, (4, 50), 12, generator)
+    negatives = draw_uniform_negatives(batch, (4, 50), 12, generator)
     seen = torch.cat([batch["target"][:, None], batch["history_items"]], 1)
     assert ((negatives[:, :, None] == seen[:, None, :]).any(-1)).float().mean() < 0.01
     assert negatives.min() >= 1 and negatives.max() <= 12
