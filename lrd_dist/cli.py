@@ -73,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML file (configs/...)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=2 model.name=rcf")
 
+    export = commands.add_parser("export", help="one safetensors model file from a (ZeRO-sharded) checkpoint")
+    export.add_argument("--checkpoint", required=True, type=Path, help="a checkpoints/step-* directory")
+    export.add_argument("--out", required=True, type=Path, help="FILE.safetensors")
+
+    evaluate = commands.add_parser("eval", help="score a model file on dev/test")
+    evaluate.add_argument(
+        "--weights", required=True, type=Path, help="from lrd-dist export, or best.safetensors"
+    )
+    evaluate.add_argument("--config", type=Path, help="default: the config stored in the weights file")
+    evaluate.add_argument("--split", action="append", choices=["dev", "test"], help="default: dev and test")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.full_ranking=true")
+
+    commands.add_parser(
+        "launch",
+        help="accelerate launch with signal forwarding and a requeue exit code: "
+        "lrd-dist launch [accelerate launch options] -- train --config ...",
+    )
+
     relations = commands.add_parser(
         "relations", help="HTML/PNG report of the relations an LRD run discovered"
     )
@@ -200,6 +218,19 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps({k: results[k] for k in ("best_epoch", "dev", "test")}, indent=2))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from lrd_dist.train.export import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from lrd_dist.train.export import evaluate_weights
+
+    results = evaluate_weights(args.weights, args.config, args.overrides, args.split or ["dev", "test"])
+    print(json.dumps(results, indent=2))
+
+
 def _relations(args: argparse.Namespace) -> None:
     from lrd_dist.evaluation.report import relation_report
 
@@ -281,17 +312,26 @@ def _print_summary(out: Path, manifest) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        from lrd_dist.train.launch import launch
+
+        return launch(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("accelerate", "deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     handlers = {
         "prepare": _prepare,
         "synth": _synth,
         "verify": _verify,
         "embed": _embed,
         "train": _train,
+        "export": _export,
+        "eval": _eval,
         "relations": _relations,
         "demo": _demo,
     }

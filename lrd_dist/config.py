@@ -72,6 +72,21 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/train"
     log_every: int = 50
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (and size the schedule by it)
+    grad_accum: int = 1  # micro-batches per optimizer step (windows never cross an epoch end)
+    max_grad_norm: float = 0.0  # 0: no clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16 (DeepSpeed's "auto" is filled from this)
+    schedule: str = "constant"  # constant | linear | cosine, after warmup_steps of linear warmup
+    warmup_steps: int = 0
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also every N optimizer steps (0: at epoch ends only)
+    keep: int = 3  # complete checkpoints kept, newest first; the best weights live in best.safetensors
+    resume: str = ""  # "" (start fresh) | auto (latest complete under out_dir, else fresh) | a checkpoint dir
+    force: bool = False  # resume even if the config or the dataset differs from the checkpoint's
 
 
 @dataclass
@@ -90,6 +105,7 @@ class RunConfig:
     kg: KGConfig = field(default_factory=KGConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -134,6 +150,18 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         )
     if config.eval.ties not in ("pessimistic", "legacy"):
         raise InputError(where, f"eval.ties={config.eval.ties!r}", "use pessimistic or legacy")
+    choices = {
+        "train.mixed_precision": (config.train.mixed_precision, ("no", "bf16", "fp16")),
+        "train.schedule": (config.train.schedule, ("constant", "linear", "cosine")),
+        "train.tracker": (config.train.tracker, ("tensorboard", "wandb", "none")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InputError(where, f"{key}={value!r}", f"use one of {', '.join(allowed)}")
+    if config.train.grad_accum < 1:
+        raise InputError(where, f"train.grad_accum={config.train.grad_accum}", "use 1 or more")
+    if config.checkpoint.keep < 1:
+        raise InputError(where, f"checkpoint.keep={config.checkpoint.keep}", "keep at least 1 checkpoint")
     if config.model.emb_size % config.model.num_heads:
         raise InputError(where, "model.emb_size is not a multiple of model.num_heads", "change one of them")
 

@@ -27,9 +27,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = RankingMetrics(ks=tuple(ks))
+    device = next(model.parameters()).device
     for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
         if full_ranking:
-            all_items = torch.arange(num_items + 1)
+            all_items = torch.arange(num_items + 1, device=device)
             scores = torch.cat(
                 [
                     model.score(batch, all_items[start : start + item_chunk].expand(len(batch["user"]), -1))

@@ -1,27 +1,36 @@
-"""The training loop: data, model, optimiser, then epochs of steps with dev evaluation and early
-stopping; the best weights are kept and scored on test. Writes into ``train.out_dir``:
-``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per log step and per
-evaluation), ``best.safetensors`` and ``results.json``.
+"""The training loop, top to bottom: accelerator, data, model and optimiser, resume, then epochs of
+steps with checkpoints, dev evaluation and early stopping; the best weights are scored on test.
+
+The same function runs in one process, under DDP and under DeepSpeed ZeRO 1-3: ``accelerate launch``
+decides which (see ``launchers/``). Writes into ``train.out_dir``: ``config.yaml``, ``metrics.jsonl``
+(one JSON line per log step and per evaluation), ``best.safetensors``, ``checkpoints/``,
+``results.json``, ``curves.png`` and TensorBoard events under ``tensorboard/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from lrd_dist.config import RunConfig, to_yaml
 from lrd_dist.data.catalog import Catalog
-from lrd_dist.data.format import CATALOG, Manifest
+from lrd_dist.data.format import CATALOG, MANIFEST, Manifest, sha256_of
 from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
@@ -29,36 +38,61 @@ from lrd_dist.encoders.text import load_table
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.evaluation.relations import relation_agreement
 from lrd_dist.models import build_model
+from lrd_dist.train.checkpoint import (
+    BEST,
+    TrainerState,
+    find_resume_point,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from lrd_dist.train.plots import plot_curves
+from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from lrd_dist.train.sampling import TrainingSampler
 
 log = logging.getLogger(__name__)
 COLLAPSE_SHARE = 0.95  # warn when one relation takes this share of the (history, target) pairs
+FAULT_STEP_ENV = "LRD_DIST_FAULT_KILL_AT_STEP"  # test hook: "STEP:RANK" SIGKILLs that rank after STEP
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        # On CPU, accelerate only sees the gloo process group when told it is CPU work (DDP) or
+        # given the backend (DeepSpeed); otherwise each process silently trains alone.
+        cpu=not cuda and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else [],
+        mixed_precision=config.train.mixed_precision,
+        log_with=None if config.train.tracker == "none" else config.train.tracker,
+        project_config=ProjectConfiguration(
+            project_dir=config.train.out_dir, logging_dir=str(Path(config.train.out_dir) / "tensorboard")
+        ),
+    )
 
 
 def train(config: RunConfig) -> dict:
     started = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config)
+    deepspeed = accelerator.state.deepspeed_plugin is not None
     set_seed(config.train.seed)
     out = Path(config.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    main_process = accelerator.is_main_process  # the only writer of files under out/
+    main_process = accelerator.is_main_process  # the only writer of files under out/ (checkpoints aside)
     if main_process:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(config))
+    preemption = PreemptionFlag()
 
     # ---- data -------------------------------------------------------------------------------------
     data = Path(config.data.dir)
     manifest = Manifest.load(data)
+    data_checksum = sha256_of(data / MANIFEST)
     catalog = Catalog.read(data / CATALOG)
     relational = config.model.name != "sasrec"
     graph = KnowledgeGraph(catalog, latent=config.model.latent_relations if relational else 0)
-    item_text = None
-    if config.lrd.enabled:
-        item_text, _ = load_table(config.lrd.embeddings or data / TABLE_NAME, catalog.texts.to_pylist())
-        if config.lrd.standardize_text:
-            # Sentence vectors share a large common direction; what tells relations apart is in
-            # the rest. Without this the encoder sees almost the same input for every pair.
-            real = item_text[1:]
-            item_text[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
+    item_text = item_text_table(config, catalog)
 
     def stream(split: str, shuffle: bool) -> SequenceStream:
         loader = LoaderConfig(
@@ -73,8 +107,11 @@ def train(config: RunConfig) -> dict:
         return SequenceStream(data, split, loader, accelerator.process_index, accelerator.num_processes)
 
     train_stream, dev_stream, test_stream = stream("train", True), stream("dev", False), stream("test", False)
+    batches_per_epoch = len(train_stream)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.train.grad_accum)
+    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
 
-    # ---- model and optimiser ----------------------------------------------------------------------
+    # ---- model, optimiser, schedule ---------------------------------------------------------------
     model = build_model(config, manifest.num_users, graph, item_text)
     decayed = [p for n, p in model.named_parameters() if "bias" not in n]
     undecayed = [p for n, p in model.named_parameters() if "bias" in n]
@@ -85,6 +122,15 @@ def train(config: RunConfig) -> dict:
         ],
         lr=config.train.lr,
     )
+    # Stepped by hand at optimizer-step boundaries and saved as JSON in the trainer state.
+    scheduler = get_scheduler(
+        config.train.schedule if config.train.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=config.train.warmup_steps,
+        num_training_steps=total_steps,
+    )
+    if deepspeed:
+        _fill_deepspeed_auto(accelerator, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     gamma = graph.num_triples / manifest.num_interactions if config.kg.gamma < 0 else config.kg.gamma
@@ -93,126 +139,303 @@ def train(config: RunConfig) -> dict:
     if config.lrd.enabled and config.lrd.hard_negatives > 0:
         predecessors = PredecessorTable(make_loader(stream("train", False)), manifest.num_items)
     sampler = TrainingSampler(config, graph, predecessors, use_kg, accelerator.process_index)
-    parameters = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    with full_parameters(core, deepspeed):
+        parameters = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log.info(
-        "rank %d of %d, model %s: %d trainable parameters, %d relation slots, gamma %.4f",
+        "rank %d of %d (%s), model %s: %d trainable parameters, %d relation slots, gamma %.4f",
         accelerator.process_index,
         accelerator.num_processes,
+        accelerator.distributed_type,
         config.model.name,
         parameters,
         graph.slots.total if relational else 0,
         gamma,
     )
 
-    def evaluate_split(split_stream: SequenceStream) -> dict[str, float]:
-        return evaluate(
-            core,
-            make_loader(split_stream),
-            config.eval.ks,
-            config.eval.ties,
-            config.eval.full_ranking,
-            manifest.num_items,
-            gather=gather_object if accelerator.num_processes > 1 else None,
-        )
+    # ---- resume -----------------------------------------------------------------------------------
+    state = TrainerState()
+    resume_from = find_resume_point(config)
+    if resume_from is not None:
+        state, rank_state = load_checkpoint(accelerator, resume_from, config, data_checksum)
+        scheduler.load_state_dict(state.scheduler)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            sampler.load_state_dict(rank_state["sampler"])
+        elif state.batches:  # another world size: continue at the same fraction of the epoch
+            state.batches = round(state.batches * batches_per_epoch / rank_state_batches(resume_from))
+            state.batches -= state.batches % config.train.grad_accum
 
-    # ---- epochs -----------------------------------------------------------------------------------
-    metrics_file = open(out / "metrics.jsonl", "w") if main_process else None  # noqa: SIM115 - closed below
+    def checkpoint() -> None:
+        state.scheduler = scheduler.state_dict()
+        rank_state = {
+            "rng": rng_state(),
+            "sampler": sampler.state_dict(),
+            "data": {"epoch": state.epoch, "batches": state.batches, "batches_per_epoch": batches_per_epoch},
+        }
+        save_checkpoint(accelerator, config, state, rank_state, data_checksum, config.checkpoint.keep)
+
+    def evaluate_split(split_stream: SequenceStream) -> dict[str, float]:
+        with full_parameters(core, deepspeed):
+            return evaluate(
+                core,
+                make_loader(split_stream),
+                config.eval.ks,
+                config.eval.ties,
+                config.eval.full_ranking,
+                manifest.num_items,
+                gather=gather_object if accelerator.num_processes > 1 else None,
+            )
+
+    # ---- logging ----------------------------------------------------------------------------------
+    metrics_path = out / "metrics.jsonl"
+    if main_process:
+        _truncate_metrics(metrics_path, state.step if resume_from else 0)
+    metrics_file = open(metrics_path, "a") if main_process else None  # noqa: SIM115 - closed below
+    if config.train.tracker != "none":
+        accelerator.init_trackers("lrd_dist", config=_flat_config(config))
 
     def record(entry: dict) -> None:
         if metrics_file is not None:
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
+        scalars = {
+            k: v for k, v in entry.items() if isinstance(v, int | float) and k not in ("step", "epoch")
+        }
+        if config.train.tracker != "none":
+            accelerator.log(scalars, step=entry["step"])
 
-    best, best_epoch, waited, step = -math.inf, -1, 0, 0
-    for epoch in range(config.train.epochs):
-        train_stream.set_position(epoch)
+    # ---- epochs -----------------------------------------------------------------------------------
+    fault = _fault_injection(accelerator.process_index)
+    preempted = False
+    done = state.step >= total_steps or state.waited >= config.train.patience
+    while state.epoch < config.train.epochs and not done and not preempted:
+        epoch = state.epoch
+        train_stream.set_position(epoch, state.batches)
         window: dict[str, list] = {}
+        warned_collapse = False  # once per epoch
         epoch_started = time.perf_counter()
         bar = tqdm(
             make_loader(train_stream),
-            total=len(train_stream),
+            total=batches_per_epoch,
+            initial=state.batches,
             desc=f"epoch {epoch}",
-            disable=not accelerator.is_main_process,
+            disable=not main_process,
             leave=False,
         )
+        model.train()
         for batch in bar:
             inputs = sampler.draw(batch)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             inputs = _to_device(inputs, accelerator.device)
-            with accelerator.autocast():
-                losses = model(batch, **inputs)  # through the wrapper, so DDP synchronises gradients
-                total = (
-                    losses["rec"] + gamma * losses.get("kg", 0.0) + config.lrd.weight * losses.get("lrd", 0.0)
-                )
-            optimizer.zero_grad()
-            accelerator.backward(total)
-            optimizer.step()
-            step += 1
+            state.batches += 1
+            # Accumulation windows end at the epoch end, so a checkpoint never holds half a window.
+            boundary = state.batches % config.train.grad_accum == 0 or state.batches == batches_per_epoch
+            with _sync_context(accelerator, model, boundary, deepspeed):
+                with accelerator.autocast():
+                    losses = model(batch, **inputs)  # through the wrapper, so gradients synchronise
+                    total = (
+                        losses["rec"]
+                        + gamma * losses.get("kg", 0.0)
+                        + config.lrd.weight * losses.get("lrd", 0.0)
+                    )
+                # DeepSpeed divides by its own accumulation steps; the plain path does it here.
+                accelerator.backward(total if deepspeed else total / config.train.grad_accum)
             for name, value in losses.items():
                 window.setdefault(name, []).append(value.detach().float().cpu())
             window.setdefault("loss", []).append(total.detach().float().cpu())
-            if step % config.train.log_every == 0:
-                entry = {"step": step, "epoch": epoch}
+            if not boundary:
+                continue
+            if config.train.max_grad_norm > 0 and not deepspeed:  # DeepSpeed clips from its config
+                accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state.step += 1
+            if state.step % config.train.log_every == 0:
+                entry = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
                 entry.update({k: torch.stack(v).mean(0).tolist() for k, v in window.items()})
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                usage = entry.get("lrd_usage")
-                if usage and max(usage) > COLLAPSE_SHARE:
-                    log.warning(
-                        "relation collapse: slot %d takes %.1f%% of the pairs (entropy %.3f)",
-                        int(np.argmax(usage)),
-                        100 * max(usage),
-                        entry["lrd_entropy"],
-                    )
+                if main_process and not warned_collapse:
+                    warned_collapse = _warn_on_collapse(entry)
                 window = {}
+            if fault is not None and state.step == fault:
+                os.kill(os.getpid(), signal.SIGKILL)
+            preempted = preemption.any_rank(accelerator)
+            done = state.step >= total_steps
+            every = config.checkpoint.every_steps
+            if preempted or (every and state.step % every == 0 and state.batches < batches_per_epoch):
+                checkpoint()
+            if preempted or done:
+                break
+        bar.close()
+        if preempted:
+            break
+
+        # ---- end of epoch (or of max_steps): dev evaluation, early stopping, checkpoint ----------
         dev = evaluate_split(dev_stream)
         record(
             {
                 "epoch": epoch,
-                "step": step,
+                "step": state.step,
                 "epoch_seconds": time.perf_counter() - epoch_started,
                 **{f"dev/{k}": v for k, v in dev.items()},
             }
         )
-        log.info(
-            "epoch %d: dev %s %.4f (%.1f s)",
-            epoch,
-            config.eval.metric,
-            dev[config.eval.metric],
-            time.perf_counter() - epoch_started,
-        )
-        if dev[config.eval.metric] > best:
-            best, best_epoch, waited = dev[config.eval.metric], epoch, 0
+        log.info("epoch %d: dev %s %.4f", epoch, config.eval.metric, dev[config.eval.metric])
+        if dev[config.eval.metric] > state.best:
+            state.best, state.best_epoch, state.waited = dev[config.eval.metric], epoch, 0
+            weights = _full_state_dict(core, deepspeed)
             if main_process:
-                save_file(core.state_dict(), str(out / "best.safetensors"))
+                save_file(weights, str(out / BEST))
         else:
-            waited += 1
-            if waited >= config.train.patience:
-                log.info("early stop: no dev improvement for %d evaluations", waited)
-                break
+            state.waited += 1
+        stop = state.waited >= config.train.patience
+        if stop:
+            log.info("early stop: no dev improvement for %d evaluations", state.waited)
+        state.epoch, state.batches = epoch + 1, 0
+        checkpoint()
+        done = done or stop
+
     if metrics_file is not None:
         metrics_file.close()
+    if preempted:
+        log.warning("stopped for a signal at step %d; resume with checkpoint.resume=auto", state.step)
+        if main_process:
+            PreemptionFlag.announce()
+        accelerator.end_training()
+        sys.exit(REQUEUE_EXIT_CODE)
 
     # ---- best weights on test ---------------------------------------------------------------------
     accelerator.wait_for_everyone()  # the best weights are written
-    core.load_state_dict(load_file(str(out / "best.safetensors")))
+    best_weights = load_file(str(out / BEST))
+    with full_parameters(core, deepspeed, modify=True):  # under ZeRO-3, rank 0's copy is scattered
+        core.load_state_dict(best_weights)
     results = {
         "model": config.model.name,
         "lrd": config.lrd.enabled,
         "seed": config.train.seed,
-        "best_epoch": best_epoch,
-        "epochs_run": epoch + 1,
-        "steps": step,
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "steps": state.step,
         "parameters": parameters,
         "dev": evaluate_split(dev_stream),
         "test": evaluate_split(test_stream),
         "seconds": time.perf_counter() - started,
     }
     if config.lrd.enabled and "planted_relation" in manifest.extra_fields:
-        results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))
+        with full_parameters(core, deepspeed):
+            results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))
     if main_process:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot_curves(metrics_path, out / "curves.png", config.eval.metric)
+    accelerator.end_training()
     return results
+
+
+def item_text_table(config: RunConfig, catalog: Catalog) -> torch.Tensor | None:
+    """The frozen item text vectors LRD reads, checked against the catalog; None without LRD."""
+    if not config.lrd.enabled:
+        return None
+    path = config.lrd.embeddings or Path(config.data.dir) / TABLE_NAME
+    item_text, _ = load_table(path, catalog.texts.to_pylist())
+    if config.lrd.standardize_text:
+        # Sentence vectors share a large common direction; what tells relations apart is in
+        # the rest. Without this the encoder sees almost the same input for every pair.
+        real = item_text[1:]
+        item_text[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
+    return item_text
+
+
+def full_parameters(module: torch.nn.Module, deepspeed: bool, modify: bool = False):
+    """Whole parameters on every rank for code outside the training forward (evaluation, saving):
+    under ZeRO-3 each rank holds only a shard of each parameter."""
+    if deepspeed:
+        import deepspeed as ds
+
+        if any(hasattr(p, "ds_id") for p in module.parameters()):
+            return ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
+    return contextlib.nullcontext()
+
+
+def _full_state_dict(core: torch.nn.Module, deepspeed: bool) -> dict[str, torch.Tensor]:
+    with full_parameters(core, deepspeed):
+        return {k: v.detach().cpu().clone().contiguous() for k, v in core.state_dict().items()}
+
+
+def _sync_context(accelerator: Accelerator, model, boundary: bool, deepspeed: bool):
+    if deepspeed:
+        # The engine steps its optimizer only at a boundary; say where the boundary is.
+        model.set_gradient_accumulation_boundary(boundary)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if boundary else accelerator.no_sync(model)
+
+
+def _fill_deepspeed_auto(accelerator: Accelerator, config: RunConfig) -> None:
+    """ds_configs/ leave batch size, accumulation and clipping "auto": they come from the run config,
+    so they live in one place. (Precision is filled by accelerate from train.mixed_precision.)"""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    values = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": config.train.grad_accum,
+        "gradient_clipping": config.train.max_grad_norm,
+        "train_batch_size": config.data.batch_size * config.train.grad_accum * accelerator.num_processes,
+    }
+    for key, value in values.items():
+        if ds_config.get(key, "auto") == "auto":
+            ds_config[key] = value
+    for key in ("optimizer", "scheduler"):
+        if key in ds_config:
+            raise ValueError(f"the DeepSpeed config sets '{key}'; the trainer builds it from train.*")
+
+
+def rank_state_batches(checkpoint_dir: Path) -> int:
+    """Batches per epoch per rank in the run that wrote the checkpoint."""
+    saved = json.loads((checkpoint_dir / "rank-00000.json").read_text())
+    return saved["data"]["batches_per_epoch"]
+
+
+def _truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """A resumed run rewrites what came after its checkpoint, so the log reads as one run."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= keep_through_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _flat_config(config: RunConfig) -> dict:
+    flat = {}
+    for section, values in asdict(config).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
+def _warn_on_collapse(entry: dict) -> bool:
+    usage = entry.get("lrd_usage")
+    collapsed = bool(usage) and max(usage) > COLLAPSE_SHARE
+    if collapsed:
+        log.warning(
+            "relation collapse: slot %d takes %.1f%% of the pairs (entropy %.3f)",
+            int(np.argmax(usage)),
+            100 * max(usage),
+            entry["lrd_entropy"],
+        )
+    return collapsed
+
+
+def _fault_injection(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_STEP_ENV)
+    if not spec:
+        return None
+    step, target_rank = (int(x) for x in spec.split(":"))
+    return step if rank == target_rank else None
 
 
 def _to_device(value, device):

@@ -26,6 +26,14 @@ class TrainingSampler:
         self.rng = np.random.default_rng([config.train.seed, rank])
         self.generator = torch.Generator().manual_seed(config.train.seed * 1009 + rank)
 
+    def state_dict(self) -> dict:
+        """JSON-able, so a checkpoint holds it without pickling."""
+        return {"numpy": self.rng.bit_generator.state, "torch": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy"]
+        self.generator.set_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
     def draw(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | dict | None]:
         """Inputs for ``Recommender.forward`` besides the batch, on the CPU."""
         num_items = self.graph.num_items

@@ -38,3 +38,39 @@ def accelerate_cpu(
         *args,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lrd_launch(
+    launcher: str, *command: str, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """``lrd-dist launch`` with one of the shipped accelerate configs (``launchers/NAME.yaml``)."""
+    return subprocess.run(
+        lrd_launch_command(launcher, *command),
+        env=launch_env(env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def lrd_launch_command(launcher: str, *command: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lrd_dist.cli",
+        "launch",
+        "--config_file",
+        str(REPO / "launchers" / f"{launcher}.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "--",
+        *command,
+    ]
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    return os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (extra or {})

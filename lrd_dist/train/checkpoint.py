@@ -1,0 +1,287 @@
+"""Checkpoints a killed job can trust.
+
+One checkpoint is a directory ``<out_dir>/checkpoints/step-00000120/``:
+
+- ``accelerate/``: ``accelerator.save_state`` (model, optimizer; ZeRO shards under DeepSpeed);
+- ``trainer.json``: step, epoch, batches consumed in that epoch, best dev metric, early-stopping
+  counters, scheduler state, world size, the run config and the dataset's manifest checksum;
+- ``rank-00001.json``: one per rank, its RNG states (python, numpy, torch, CUDA) and the training
+  sampler's generators, as JSON, so nothing of ours is unpickled on resume;
+- ``best.safetensors``: the best weights so far, so a resumed run keeps the right ones;
+- ``COMPLETE``: written last, by the main process, after every rank has written its part; it lists
+  every file with its size and sha256.
+
+It is built under ``.incomplete-step-...`` and renamed when complete, and old checkpoints are pruned
+only after the new one is complete, so a crash during a save never leaves the run without one
+(accelerate's own retention deletes first, and DeepSpeed writes its ``latest`` file even when a rank's
+shard is missing). A checkpoint without ``COMPLETE``, with a file that does not match it, or made
+with another model config or dataset is refused with the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from lrd_dist.config import RunConfig
+from lrd_dist.data.format import sha256_of
+from lrd_dist.errors import InputError
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+TRAINER = "trainer.json"
+ACCELERATE_DIR = "accelerate"
+BEST = "best.safetensors"
+# Config sections that define the model: a checkpoint from another value cannot be resumed.
+MODEL_SECTIONS = ("model", "lrd", "kg")
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is: enough to continue as if it had never stopped."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch to continue
+    batches: int = 0  # micro-batches of that epoch already consumed (per rank)
+    best: float = float("-inf")
+    best_epoch: int = -1
+    waited: int = 0  # evaluations without improvement
+    scheduler: dict = field(default_factory=dict)
+
+
+def checkpoint_root(config: RunConfig) -> Path:
+    return Path(config.train.out_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    config: RunConfig,
+    state: TrainerState,
+    rank_state: dict,
+    data_checksum: str,
+    keep: int,
+) -> Path:
+    """Collective: every rank calls it at the same step."""
+    root = checkpoint_root(config)
+    final = root / f"step-{state.step:08d}"
+    staging = root / f".incomplete-step-{state.step:08d}"
+    if accelerator.is_main_process:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging / ACCELERATE_DIR))
+    _write_json(staging / f"rank-{accelerator.process_index:05d}.json", rank_state)
+    # Every rank confirms its part before the main process declares the checkpoint complete.
+    confirmed = gather_object([accelerator.process_index])
+    if accelerator.is_main_process:
+        if sorted(confirmed) != list(range(accelerator.num_processes)):
+            raise RuntimeError(f"checkpoint {final}: ranks confirmed {confirmed}")
+        best = Path(config.train.out_dir) / BEST
+        if best.is_file():
+            shutil.copy2(best, staging / BEST)
+        trainer = {
+            "state": asdict(state),
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "data_checksum": data_checksum,
+            "config": _sections(config),
+        }
+        _write_json(staging / TRAINER, trainer)
+        files = {
+            str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        _write_json(staging / COMPLETE, {"files": files})
+        if final.exists():  # a previous attempt at the same step (resumed, then preempted again)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s written", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_point(config: RunConfig) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` names: none, the latest complete one, or a path."""
+    resume = config.checkpoint.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        root = checkpoint_root(config)
+        found = complete_checkpoints(root)
+        partial = sorted(root.glob(".incomplete-step-*")) if root.is_dir() else []
+        for path in partial:
+            log.warning("ignoring %s: its save did not finish", path)
+        if not found:
+            log.info("resume=auto: no complete checkpoint under %s, starting fresh", root)
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise InputError(
+            path, "no such checkpoint directory", "pass checkpoint.resume=auto or an existing step-* dir"
+        )
+    return path
+
+
+def verify_checkpoint(
+    path: Path, config: RunConfig, data_checksum: str, world_size: int, deepspeed: bool
+) -> dict:
+    """Refuse a checkpoint that is incomplete, damaged, or from another model or dataset."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise InputError(
+            path,
+            "incomplete checkpoint (no COMPLETE marker): its save was interrupted",
+            "resume from an earlier step-* directory, or checkpoint.resume=auto which skips it",
+        )
+    listed = json.loads(marker.read_text())["files"]
+    for name, expected in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise InputError(file, "missing from the checkpoint", "resume from another checkpoint")
+        if file.stat().st_size != expected["bytes"] or sha256_of(file) != expected["sha256"]:
+            raise InputError(
+                file,
+                "differs from the checksum recorded when it was written",
+                "resume from another checkpoint",
+            )
+    trainer = json.loads((path / TRAINER).read_text())
+    if not config.checkpoint.force:
+        if trainer["data_checksum"] != data_checksum:
+            raise InputError(
+                path,
+                f"made with another dataset (manifest sha256 {trainer['data_checksum'][:12]}, "
+                f"now {data_checksum[:12]})",
+                "point data.dir at the dataset it was trained on, or set checkpoint.force=true",
+            )
+        now = _sections(config)
+        changed = [
+            f"{section}.{key}: {trainer['config'][section].get(key)!r} -> {value!r}"
+            for section in MODEL_SECTIONS
+            for key, value in now[section].items()
+            if trainer["config"][section].get(key) != value
+        ]
+        if changed:
+            raise InputError(
+                path,
+                "made with another model config (" + "; ".join(changed) + ")",
+                "resume with the checkpoint's config (its trainer.json has it), or set checkpoint.force=true",
+            )
+    if deepspeed and trainer["world_size"] != world_size:
+        raise InputError(
+            path,
+            f"DeepSpeed ZeRO checkpoint of {trainer['world_size']} ranks, resumed with {world_size}",
+            "resume with the same number of processes, or `lrd-dist export` it and start from the weights",
+        )
+    return trainer
+
+
+def load_checkpoint(
+    accelerator: Accelerator, path: Path, config: RunConfig, data_checksum: str
+) -> tuple[TrainerState, dict | None]:
+    """Collective. Returns the trainer state and this rank's saved state (None when the world
+    size changed)."""
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    error = None
+    try:
+        trainer = verify_checkpoint(path, config, data_checksum, accelerator.num_processes, deepspeed)
+    except InputError as exc:
+        error = exc
+    # All ranks agree before anyone loads: one refusing rank stops them all with the same message.
+    errors = [e for e in gather_object([str(error) if error else ""]) if e]
+    if error is not None:
+        raise error
+    if errors:
+        raise InputError(path, f"another rank refused the checkpoint: {errors[0]}", "see that rank's message")
+    accelerator.load_state(str(path / ACCELERATE_DIR))
+    same_world = trainer["world_size"] == accelerator.num_processes
+    if not same_world:
+        log.warning(
+            "resuming a %d-process checkpoint with %d processes: model and optimizer continue exactly; "
+            "the data order of the current epoch is re-split (see docs/training.md)",
+            trainer["world_size"],
+            accelerator.num_processes,
+        )
+    rank_file = path / f"rank-{accelerator.process_index:05d}.json"
+    rank_state = json.loads(rank_file.read_text()) if same_world and rank_file.is_file() else None
+    best = path / BEST
+    if accelerator.is_main_process and best.is_file():
+        shutil.copy2(best, Path(config.train.out_dir) / BEST)
+    accelerator.wait_for_everyone()
+    state = TrainerState(**trainer["state"])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches)
+    return state, rank_state
+
+
+def rng_state() -> dict:
+    """This process's global RNG states as JSON-able values."""
+    state = {
+        "python": _listify(random.getstate()),
+        "numpy": _listify(np.random.get_state(legacy=False)),
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _sections(config: RunConfig) -> dict:
+    return {k: v for k, v in asdict(config).items()}
+
+
+def _listify(value):
+    if isinstance(value, tuple | list):
+        return [_listify(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _listify(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

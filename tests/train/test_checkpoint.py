@@ -1,0 +1,164 @@
+"""Checkpoints: refusal of incomplete, damaged and foreign checkpoints, retention, and exact resume
+of a killed single-process run (with accumulation, clipping and a warmup schedule)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lrd_dist.config import load_config
+from lrd_dist.errors import InputError
+from lrd_dist.train.checkpoint import complete_checkpoints
+from lrd_dist.train.loop import FAULT_STEP_ENV, train
+
+
+def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.dir={data}",
+        f"train.out_dir={out}",
+        "data.batch_size=64",
+        "model.emb_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.latent_relations=2",
+        "lrd.enabled=true",
+        "train.log_every=1",
+        "train.tracker=none",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(synth_with_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    train(
+        load_config(
+            None,
+            _overrides(
+                synth_with_embeddings,
+                run,
+                "train.max_steps=12",
+                "checkpoint.every_steps=4",
+                "checkpoint.keep=2",
+            ),
+        )
+    )
+    return run
+
+
+def test_retention_keeps_the_newest_complete_checkpoints(checkpointed_run: Path) -> None:
+    steps = [int(p.name.split("-")[1]) for p in complete_checkpoints(checkpointed_run / "checkpoints")]
+    # every 4 steps (4, 8) and at the end (12); keep=2 leaves the two newest
+    assert steps == [8, 12]
+    assert not list((checkpointed_run / "checkpoints").glob(".incomplete-*"))
+
+
+def _resume(data: Path, run: Path, tmp_path: Path, checkpoint: Path, *extra: str):
+    copy = tmp_path / "resumed"
+    return train(
+        load_config(
+            None, _overrides(data, copy, "train.max_steps=14", f"checkpoint.resume={checkpoint}", *extra)
+        )
+    )
+
+
+def test_resume_refuses_damaged_and_foreign_checkpoints(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
+) -> None:
+    source = complete_checkpoints(checkpointed_run / "checkpoints")[-1]
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(source, incomplete)
+    (incomplete / "COMPLETE").unlink()
+    with pytest.raises(InputError, match="incomplete checkpoint"):
+        _resume(synth_with_embeddings, checkpointed_run, tmp_path, incomplete)
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(source, damaged)
+    weights = damaged / "accelerate" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(InputError, match=r"model\.safetensors.*differs from the checksum"):
+        _resume(synth_with_embeddings, checkpointed_run, tmp_path, damaged)
+
+    with pytest.raises(InputError, match=r"another model config \(model\.emb_size: 16 -> 32"):
+        _resume(synth_with_embeddings, checkpointed_run, tmp_path, source, "model.emb_size=32")
+
+    other_data = tmp_path / "other_data"
+    shutil.copytree(synth_with_embeddings, other_data)
+    manifest = other_data / "manifest.json"
+    manifest.write_text(manifest.read_text() + "\n")  # same content, another checksum: another dataset
+    with pytest.raises(InputError, match="another dataset"):
+        _resume(other_data, checkpointed_run, tmp_path, source)
+    forced = _resume(other_data, checkpointed_run, tmp_path, source, "checkpoint.force=true")
+    assert forced["steps"] == 14  # continued from step 12
+
+
+def test_auto_resume_skips_an_interrupted_save(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    newest = complete_checkpoints(run / "checkpoints")[-1]
+    interrupted = run / "checkpoints" / ".incomplete-step-00000016"
+    shutil.copytree(newest, interrupted)
+    (interrupted / "COMPLETE").unlink()
+    results = train(
+        load_config(
+            None, _overrides(synth_with_embeddings, run, "train.max_steps=14", "checkpoint.resume=auto")
+        )
+    )
+    assert results["steps"] == 14
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if "loss" in e] == list(range(1, 15))  # one history, no repeats
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lrd_dist.cli", *args],
+        env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tmp_path: Path) -> None:
+    extra = [
+        "train.epochs=2",
+        "train.grad_accum=2",
+        "train.max_grad_norm=1.0",
+        "train.schedule=linear",
+        "train.warmup_steps=5",
+        "checkpoint.every_steps=4",
+        "train.tracker=tensorboard",
+    ]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _cli("train", *_overrides(synth_with_embeddings, straight, *extra)).returncode == 0
+    crash = _cli("train", *_overrides(synth_with_embeddings, killed, *extra), env={FAULT_STEP_ENV: "10:0"})
+    assert crash.returncode == -9  # SIGKILL
+    assert [p.name for p in complete_checkpoints(killed / "checkpoints")][-1] == "step-00000008"
+    resumed = _cli("train", *_overrides(synth_with_embeddings, killed, *extra, "checkpoint.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def log(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = log(straight), log(killed)
+    assert len(a) == len(b) and any(e["step"] > 10 for e in a)
+    for x, y in zip(a, b, strict=True):
+        x.pop("epoch_seconds", None), y.pop("epoch_seconds", None)
+        assert x == y  # every loss term, learning rate and dev metric, bit for bit
+    assert (
+        json.loads((straight / "results.json").read_text())["test"]
+        == json.loads((killed / "results.json").read_text())["test"]
+    )
+    # logging artefacts of the run: TensorBoard events and the curves
+    assert list((straight / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (straight / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
