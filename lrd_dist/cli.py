@@ -215,7 +215,11 @@ def _train(args: argparse.Namespace) -> None:
 
     results = train(load_config(args.config, args.overrides))
     if PartialState().is_main_process:
-        print(json.dumps({k: results[k] for k in ("best_epoch", "dev", "test")}, indent=2))
+        print(
+            json.dumps(
+                {k: results[k] for k in ("steps", "best_epoch", "dev", "test") if k in results}, indent=2
+            )
+        )
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -95,6 +95,7 @@ class EvalConfig:
     metric: str = "NDCG@10"  # model selection on dev
     ties: str = "pessimistic"  # pessimistic | legacy (official argsort behaviour)
     full_ranking: bool = False
+    enabled: bool = True  # false: no dev/test evaluation (throughput benchmarks); no best weights
 
 
 @dataclass

@@ -162,7 +162,7 @@ def train(config: RunConfig) -> dict:
             set_rng_state(rank_state["rng"])
             sampler.load_state_dict(rank_state["sampler"])
         elif state.batches:  # another world size: continue at the same fraction of the epoch
-            state.batches = round(state.batches * batches_per_epoch / rank_state_batches(resume_from))
+            state.batches = state.batches * batches_per_epoch // rank_state_batches(resume_from)
             state.batches -= state.batches % config.train.grad_accum
 
     def checkpoint() -> None:
@@ -213,6 +213,7 @@ def train(config: RunConfig) -> dict:
         train_stream.set_position(epoch, state.batches)
         window: dict[str, list] = {}
         warned_collapse = False  # once per epoch
+        window_samples, window_started = 0, time.perf_counter()
         epoch_started = time.perf_counter()
         bar = tqdm(
             make_loader(train_stream),
@@ -243,6 +244,7 @@ def train(config: RunConfig) -> dict:
             for name, value in losses.items():
                 window.setdefault(name, []).append(value.detach().float().cpu())
             window.setdefault("loss", []).append(total.detach().float().cpu())
+            window_samples += int(batch["valid"].sum())
             if not boundary:
                 continue
             if config.train.max_grad_norm > 0 and not deepspeed:  # DeepSpeed clips from its config
@@ -252,13 +254,16 @@ def train(config: RunConfig) -> dict:
             optimizer.zero_grad()
             state.step += 1
             if state.step % config.train.log_every == 0:
+                now = time.perf_counter()
                 entry = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+                # training samples per second over all ranks (loader padding rows not counted)
+                entry["samples_per_s"] = window_samples * accelerator.num_processes / (now - window_started)
                 entry.update({k: torch.stack(v).mean(0).tolist() for k, v in window.items()})
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 if main_process and not warned_collapse:
                     warned_collapse = _warn_on_collapse(entry)
-                window = {}
+                window, window_samples, window_started = {}, 0, now
             if fault is not None and state.step == fault:
                 os.kill(os.getpid(), signal.SIGKILL)
             preempted = preemption.any_rank(accelerator)
@@ -273,7 +278,7 @@ def train(config: RunConfig) -> dict:
             break
 
         # ---- end of epoch (or of max_steps): dev evaluation, early stopping, checkpoint ----------
-        dev = evaluate_split(dev_stream)
+        dev = evaluate_split(dev_stream) if config.eval.enabled else {}
         record(
             {
                 "epoch": epoch,
@@ -282,14 +287,15 @@ def train(config: RunConfig) -> dict:
                 **{f"dev/{k}": v for k, v in dev.items()},
             }
         )
-        log.info("epoch %d: dev %s %.4f", epoch, config.eval.metric, dev[config.eval.metric])
-        if dev[config.eval.metric] > state.best:
-            state.best, state.best_epoch, state.waited = dev[config.eval.metric], epoch, 0
-            weights = _full_state_dict(core, deepspeed)
-            if main_process:
-                save_file(weights, str(out / BEST))
-        else:
-            state.waited += 1
+        if dev:
+            log.info("epoch %d: dev %s %.4f", epoch, config.eval.metric, dev[config.eval.metric])
+            if dev[config.eval.metric] > state.best:
+                state.best, state.best_epoch, state.waited = dev[config.eval.metric], epoch, 0
+                weights = _full_state_dict(core, deepspeed)
+                if main_process:
+                    save_file(weights, str(out / BEST))
+            else:
+                state.waited += 1
         stop = state.waited >= config.train.patience
         if stop:
             log.info("early stop: no dev improvement for %d evaluations", state.waited)
@@ -308,9 +314,6 @@ def train(config: RunConfig) -> dict:
 
     # ---- best weights on test ---------------------------------------------------------------------
     accelerator.wait_for_everyone()  # the best weights are written
-    best_weights = load_file(str(out / BEST))
-    with full_parameters(core, deepspeed, modify=True):  # under ZeRO-3, rank 0's copy is scattered
-        core.load_state_dict(best_weights)
     results = {
         "model": config.model.name,
         "lrd": config.lrd.enabled,
@@ -321,10 +324,13 @@ def train(config: RunConfig) -> dict:
         "epochs_run": state.epoch,
         "steps": state.step,
         "parameters": parameters,
-        "dev": evaluate_split(dev_stream),
-        "test": evaluate_split(test_stream),
-        "seconds": time.perf_counter() - started,
     }
+    if config.eval.enabled:
+        best_weights = load_file(str(out / BEST))
+        with full_parameters(core, deepspeed, modify=True):  # under ZeRO-3, rank 0's copy is scattered
+            core.load_state_dict(best_weights)
+        results["dev"], results["test"] = evaluate_split(dev_stream), evaluate_split(test_stream)
+    results["seconds"] = time.perf_counter() - started
     if config.lrd.enabled and "planted_relation" in manifest.extra_fields:
         with full_parameters(core, deepspeed):
             results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))

@@ -43,7 +43,7 @@ def _train(data: Path, out: Path, *extra: str) -> list[str]:
 def _log(run: Path) -> list[dict]:
     entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for entry in entries:
-        entry.pop("epoch_seconds", None)
+        entry.pop("epoch_seconds", None), entry.pop("samples_per_s", None)
     return entries
 
 

@@ -1,0 +1,40 @@
+# Shared by the sbatch scripts (sourced from the submit directory, the repository root).
+
+# Rendezvous of a multi-node job, the same on every node: machine rank from SLURM's node id, the main
+# address from the first host of the node list, a port derived from the job id (free of other jobs
+# on the same nodes unless they share id modulo 20000).
+lrd_rendezvous() {
+    MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    MACHINE_RANK=${SLURM_NODEID:-0}
+    NUM_MACHINES=${SLURM_NNODES:-1}
+    export MAIN_ADDR MAIN_PORT MACHINE_RANK NUM_MACHINES
+}
+
+# The run directory survives requeues: a requeued job keeps its job id (arrays: id and task).
+lrd_run_dir() {
+    local name=${SLURM_JOB_NAME:-lrd}
+    if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
+        echo "${RUNS_DIR:-runs/slurm}/${name}-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "${RUNS_DIR:-runs/slurm}/${name}-${SLURM_JOB_ID}"
+    fi
+}
+
+# 75 = the trainer checkpointed on a signal (lrd_dist.train.preemption.REQUEUE_EXIT_CODE): requeue.
+lrd_finish() {
+    local code=$1
+    if [[ $code -eq 75 ]]; then
+        echo "$(date -Is) job $SLURM_JOB_ID stopped for a signal after a checkpoint: requeueing"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    echo "$(date -Is) job $SLURM_JOB_ID finished with exit code $code"
+    exit "$code"
+}
+
+lrd_python() {
+    if [[ -x "${LRD_DIST_PYTHON:-}" ]]; then echo "$LRD_DIST_PYTHON"
+    elif [[ -x .venv/bin/python ]]; then echo "$PWD/.venv/bin/python"
+    else command -v python3; fi
+}
