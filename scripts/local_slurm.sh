@@ -33,7 +33,7 @@ if ! pgrep -x munged >/dev/null; then
     runuser -u munge -- munged
 fi
 
-CPUS=$(nproc)
+CPUS=$(getconf _NPROCESSORS_ONLN)  # not nproc: it honours OMP_NUM_THREADS
 cat > "$DIR/slurm.conf" <<CONF
 ClusterName=lrdlocal
 SlurmctldHost=localhost(127.0.0.1)
@@ -61,8 +61,8 @@ PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF=$DIR/slurm.conf
 stop
-slurmctld -f "$SLURM_CONF"
-slurmd -f "$SLURM_CONF"
+env -u OMP_NUM_THREADS slurmctld -f "$SLURM_CONF"
+env -u OMP_NUM_THREADS slurmd -f "$SLURM_CONF"
 for _ in $(seq 60); do
     if sinfo -h -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; then
         echo "SLURM_CONF=$SLURM_CONF"

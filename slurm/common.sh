@@ -22,8 +22,14 @@ lrd_run_dir() {
 }
 
 # 75 = the trainer checkpointed on a signal (lrd_dist.train.preemption.REQUEUE_EXIT_CODE): requeue.
+# A signal that lands after training finished (results.json written, the ranks exiting) is not a
+# reason to fail the job.
 lrd_finish() {
-    local code=$1
+    local code=$1 run_dir=$2
+    if [[ $code -ne 0 && $code -ne 75 && -f "$run_dir/results.json" && "$run_dir/results.json" -nt "$run_dir/config.yaml" ]]; then
+        echo "$(date -Is) job $SLURM_JOB_ID: exit code $code after the run completed ($run_dir/results.json)"
+        code=0
+    fi
     if [[ $code -eq 75 ]]; then
         echo "$(date -Is) job $SLURM_JOB_ID stopped for a signal after a checkpoint: requeueing"
         scontrol requeue "$SLURM_JOB_ID"
