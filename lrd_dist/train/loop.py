@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -35,6 +42,7 @@ from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.encoders.text import load_table
+from lrd_dist.errors import InputError
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.evaluation.relations import relation_agreement
 from lrd_dist.models import build_model
@@ -57,6 +65,14 @@ FAULT_STEP_ENV = "LRD_DIST_FAULT_KILL_AT_STEP"  # test hook: "STEP:RANK" SIGKILL
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if config.train.tracker in available and not available[config.train.tracker]():
+        # accelerate would drop the tracker with a warning and the run would log nowhere
+        raise InputError(
+            "config",
+            f"train.tracker={config.train.tracker} is not installed",
+            "pip install it or set train.tracker=none",
+        )
     cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
