@@ -85,3 +85,15 @@ def synth_with_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 office = pytest.mark.skipif(not OFFICE.is_dir(), reason="../shared/datasets/office is not present")
+
+
+# A small KDA+LRD that trains in seconds: the checkpoint, resume and SLURM tests share it.
+TINY_LRD = [
+    "model.emb_size=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.latent_relations=2",
+    "lrd.enabled=true",
+    "train.log_every=1",
+    "train.tracker=none",
+]

@@ -104,7 +104,7 @@ def save_checkpoint(
             "world_size": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
             "data_checksum": data_checksum,
-            "config": _sections(config),
+            "config": asdict(config),
         }
         _write_json(staging / TRAINER, trainer)
         files = {
@@ -178,7 +178,7 @@ def verify_checkpoint(
                 f"now {data_checksum[:12]})",
                 "point data.dir at the dataset it was trained on, or set checkpoint.force=true",
             )
-        now = _sections(config)
+        now = asdict(config)
         changed = [
             f"{section}.{key}: {trainer['config'][section].get(key)!r} -> {value!r}"
             for section in MODEL_SECTIONS
@@ -256,10 +256,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _sections(config: RunConfig) -> dict:
-    return {k: v for k, v in asdict(config).items()}
 
 
 def _listify(value):

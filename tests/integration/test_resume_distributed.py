@@ -15,6 +15,7 @@ import pytest
 from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.loop import FAULT_STEP_ENV
 from lrd_dist.train.preemption import REQUEUE_EXIT_CODE
+from tests.conftest import TINY_LRD
 from tests.integration.launch import REPO, launch_env, lrd_launch, lrd_launch_command
 
 pytestmark = pytest.mark.slow
@@ -26,13 +27,7 @@ def _train(data: Path, out: Path, *extra: str) -> list[str]:
         f"data.dir={data}",
         f"train.out_dir={out}",
         "data.batch_size=32",
-        "model.emb_size=16",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "model.latent_relations=2",
-        "lrd.enabled=true",
-        "train.log_every=1",
-        "train.tracker=none",
+        *TINY_LRD,
         "train.epochs=2",
         "train.max_steps=30",
         "checkpoint.every_steps=4",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_LRD
 from tests.integration.launch import REPO
 
 pytestmark = pytest.mark.slow
@@ -84,15 +85,9 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
     overrides = [
         f"data.dir={synth_with_embeddings}",
         "data.batch_size=32",
-        "model.emb_size=16",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "model.latent_relations=2",
-        "lrd.enabled=true",
+        *TINY_LRD,
         "train.epochs=4",
         "train.patience=10",
-        "train.log_every=1",
-        "train.tracker=none",
     ]
     log = tmp_path / "job.out"
     job = subprocess.run(

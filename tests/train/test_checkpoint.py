@@ -14,6 +14,7 @@ from lrd_dist.config import load_config
 from lrd_dist.errors import InputError
 from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.loop import FAULT_STEP_ENV, train
+from tests.conftest import TINY_LRD
 
 
 def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
@@ -21,13 +22,7 @@ def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
         f"data.dir={data}",
         f"train.out_dir={out}",
         "data.batch_size=64",
-        "model.emb_size=16",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "model.latent_relations=2",
-        "lrd.enabled=true",
-        "train.log_every=1",
-        "train.tracker=none",
+        *TINY_LRD,
         *extra,
     ]
 
