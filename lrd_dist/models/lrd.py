@@ -44,11 +44,10 @@ class LatentRelationDiscovery(nn.Module):
             nn.init.normal_(layer.weight, 0.0, 0.01)
             nn.init.normal_(layer.bias, 0.0, 0.01)
 
-    def relation_distribution(self, history_text: torch.Tensor, target_text: torch.Tensor) -> torch.Tensor:
-        """q(r | h, i): [B, H, P] and [B, P] language vectors to [B, H, R] probabilities."""
-        history = self.project_text(history_text)
-        target = self.project_text(target_text)[:, None, :].expand_as(history)
-        return self.relation_logits(torch.cat([history, target], dim=-1)).softmax(dim=-1)
+    def relation_distribution(self, head_text: torch.Tensor, tail_text: torch.Tensor) -> torch.Tensor:
+        """q(r | h, i): [N, P] language vectors of history items and targets to [N, R] probabilities."""
+        pair = torch.cat([self.project_text(head_text), self.project_text(tail_text)], dim=-1)
+        return self.relation_logits(pair).softmax(dim=-1)
 
     def loss(
         self,

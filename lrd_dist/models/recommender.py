@@ -22,15 +22,14 @@ class Recommender(nn.Module):
         self,
         backbone: RelationalRecommender | SASRec,
         lrd: LatentRelationDiscovery | None = None,
-        item_text: torch.Tensor | None = None,
+        item_text: nn.Module | None = None,
         lrd_first_slot: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.lrd = lrd
-        # Frozen language representations [num_items + 1, P]; loaded from the embedding table, so
-        # not part of the state dict.
-        self.register_buffer("item_text", item_text, persistent=False)
+        # item ids [...] -> language vectors [..., P]: a frozen table or a live (trainable) LLM
+        self.item_text = item_text
         # q(r | h, i) covers relation slots lrd_first_slot.. (0: all slots, official; or only latent)
         self.lrd_first_slot = lrd_first_slot
 
@@ -48,9 +47,11 @@ class Recommender(nn.Module):
             candidates=candidates,
         )
 
-    def relation_distribution(self, history_items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """q(r | h, i) for [B, H] history items and [B] targets."""
-        return self.lrd.relation_distribution(self.item_text[history_items], self.item_text[targets])
+    def relation_distribution(self, heads: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
+        """q(r | h, i) for [N] (history item, target) pairs -> [N, R]. Both sides go through the
+        text encoder in one call, so an item in both is encoded once."""
+        language = self.item_text(torch.cat([heads, tails]))
+        return self.lrd.relation_distribution(language[: len(heads)], language[len(heads) :])
 
     def forward(
         self,
@@ -58,6 +59,7 @@ class Recommender(nn.Module):
         negatives: torch.Tensor,  # [B] one recommendation negative per row
         lrd_negatives: torch.Tensor | None = None,  # [B, H] one reconstruction negative per position
         kg: dict[str, torch.Tensor] | None = None,  # sampled triples (KnowledgeGraph.sample)
+        lrd_pairs: torch.Tensor | None = None,  # [B, H] bool: the pairs the LRD loss uses (default all)
     ) -> dict[str, torch.Tensor]:
         valid = batch["valid"]
         scores = self.score(batch, torch.stack([batch["target"], negatives], dim=1))
@@ -75,7 +77,13 @@ class Recommender(nn.Module):
             history = batch["history_items"]
             positions = torch.arange(history.shape[1], device=history.device)
             mask = (positions[None, :] < batch["history_length"][:, None]) & valid[:, None]
-            q = self.relation_distribution(history, batch["target"])
+            if lrd_pairs is not None:
+                mask = mask & lrd_pairs
+            # Only the pairs in the loss are encoded (what bounds the cost of a live LLM).
+            rows, columns = mask.nonzero(as_tuple=True)
+            q_pairs = self.relation_distribution(history[rows, columns], batch["target"][rows])
+            q = q_pairs.new_zeros((*history.shape, q_pairs.shape[-1]))
+            q[rows, columns] = q_pairs
             loss, stats = self.lrd.loss(
                 q,
                 entities(history),

@@ -8,6 +8,7 @@ One checkpoint is a directory ``<out_dir>/checkpoints/step-00000120/``:
 - ``rank-00001.json``: one per rank, its RNG states (python, numpy, torch, CUDA) and the training
   sampler's generators, as JSON, so nothing of ours is unpickled on resume;
 - ``best.safetensors``: the best weights so far, so a resumed run keeps the right ones;
+- ``encoder/``: with a live LLM item encoder, its LoRA adapter in PEFT's format (or the tuned model);
 - ``COMPLETE``: written last, by the main process, after every rank has written its part; it lists
   every file with its size and sha256.
 
@@ -25,6 +26,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,8 +45,17 @@ COMPLETE = "COMPLETE"
 TRAINER = "trainer.json"
 ACCELERATE_DIR = "accelerate"
 BEST = "best.safetensors"
-# Config sections that define the model: a checkpoint from another value cannot be resumed.
-MODEL_SECTIONS = ("model", "lrd", "kg")
+ENCODER_DIR = "encoder"  # a live LLM encoder's adapter (PEFT format) or tuned weights
+# Config sections that define the model: a checkpoint from another value cannot be resumed...
+MODEL_SECTIONS = ("model", "lrd", "kg", "llm")
+# ...except these keys, which change how it trains, not what it is.
+RESUMABLE_CHANGES = {
+    "llm.lr",
+    "llm.max_pairs_per_step",
+    "llm.dedup",
+    "llm.gradient_checkpointing",
+    "llm.autocast",
+}
 
 
 @dataclass
@@ -72,6 +83,25 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def skip_frozen_weights(accelerator: Accelerator, frozen: set[str]) -> None:
+    """Leave weights that never train out of every checkpoint's model file (DDP / one process;
+    DeepSpeed is told by ``exclude_frozen_parameters``): a LoRA-tuned 7B model would otherwise
+    write its 14 GB base each time."""
+    if not frozen:
+        return
+
+    def drop(models, weights, output_dir) -> None:
+        for state in weights:
+            for key in [k for k in state if k.removeprefix("module.") in frozen]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(drop)
+
+
+def _live(config: RunConfig) -> bool:
+    return config.lrd.enabled and config.llm.mode != "frozen"
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     config: RunConfig,
@@ -79,8 +109,9 @@ def save_checkpoint(
     rank_state: dict,
     data_checksum: str,
     keep: int,
+    save_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every rank calls it at the same step."""
+    """Collective: every rank calls it at the same step (``save_extra`` too, with the staging dir)."""
     root = checkpoint_root(config)
     final = root / f"step-{state.step:08d}"
     staging = root / f".incomplete-step-{state.step:08d}"
@@ -89,7 +120,12 @@ def save_checkpoint(
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging / ACCELERATE_DIR))
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    # Frozen weights (a LoRA base model) are rebuilt from llm.model: not written (see skip_frozen_weights).
+    options = {"exclude_frozen_parameters": True} if deepspeed and _live(config) else {}
+    accelerator.save_state(str(staging / ACCELERATE_DIR), **options)
+    if save_extra is not None:
+        save_extra(staging)
     _write_json(staging / f"rank-{accelerator.process_index:05d}.json", rank_state)
     # Every rank confirms its part before the main process declares the checkpoint complete.
     confirmed = gather_object([accelerator.process_index])
@@ -182,8 +218,10 @@ def verify_checkpoint(
         changed = [
             f"{section}.{key}: {trainer['config'][section].get(key)!r} -> {value!r}"
             for section in MODEL_SECTIONS
+            if section in trainer["config"]  # (older checkpoints have no llm section)
             for key, value in now[section].items()
-            if trainer["config"][section].get(key) != value
+            if trainer["config"].get(section, {}).get(key) != value
+            and f"{section}.{key}" not in RESUMABLE_CHANGES
         ]
         if changed:
             raise InputError(
@@ -217,7 +255,10 @@ def load_checkpoint(
         raise error
     if errors:
         raise InputError(path, f"another rank refused the checkpoint: {errors[0]}", "see that rank's message")
-    accelerator.load_state(str(path / ACCELERATE_DIR))
+    options = {}
+    if _live(config):  # frozen encoder weights are not in the checkpoint
+        options = {"load_module_strict": False} if deepspeed else {"strict": False}
+    accelerator.load_state(str(path / ACCELERATE_DIR), **options)
     same_world = trainer["world_size"] == accelerator.num_processes
     if not same_world:
         log.warning(

@@ -22,11 +22,11 @@ from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG, Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
+from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.errors import InputError
 from lrd_dist.evaluation.evaluate import evaluate
-from lrd_dist.models import build_model
+from lrd_dist.models import build_model, load_weights
 from lrd_dist.train.checkpoint import ACCELERATE_DIR, COMPLETE, TRAINER
-from lrd_dist.train.loop import item_text_table
 
 log = logging.getLogger(__name__)
 CONFIG_KEY = "lrd_dist.config"
@@ -81,12 +81,12 @@ def evaluate_weights(
     catalog = Catalog.read(data / CATALOG)
     latent = config.model.latent_relations if config.model.name != "sasrec" else 0
     graph = KnowledgeGraph(catalog, latent=latent)
-    model = build_model(config, manifest.num_users, graph, item_text_table(config, catalog))
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
+    model = build_model(config, manifest.num_users, graph, build_item_text(config, catalog))
+    misfit = load_weights(model, load_file(str(weights)))
+    if misfit:
         raise InputError(
             weights,
-            f"does not fit the model of {config_path} (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            f"does not fit the model of {config_path} ({', '.join(misfit)})",
             "evaluate with the config the weights were trained with",
         )
     results = {}

@@ -4,7 +4,8 @@ steps with checkpoints, dev evaluation and early stopping; the best weights are 
 The same function runs in one process, under DDP and under DeepSpeed ZeRO 1-3: ``accelerate launch``
 decides which (see ``launchers/``). Writes into ``train.out_dir``: ``config.yaml``, ``metrics.jsonl``
 (one JSON line per log step and per evaluation), ``best.safetensors``, ``checkpoints/``,
-``results.json``, ``curves.png`` and TensorBoard events under ``tensorboard/``.
+``results.json``, ``curves.png``, TensorBoard events under ``tensorboard/`` and, with a live LLM
+item encoder (``llm.mode: lora | full``), the tuned encoder under ``encoder/``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     gather_object,
@@ -40,21 +42,24 @@ from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG, MANIFEST, Manifest, sha256_of
 from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-from lrd_dist.encoders.embed_catalog import TABLE_NAME
-from lrd_dist.encoders.text import load_table
+from lrd_dist.encoders.item_text import LiveTextEncoder, build_item_text
 from lrd_dist.errors import InputError
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.evaluation.relations import relation_agreement
-from lrd_dist.models import build_model
+from lrd_dist.models import build_model, frozen_parameter_names, load_weights, weights_to_save
 from lrd_dist.train.checkpoint import (
     BEST,
+    ENCODER_DIR,
     TrainerState,
     find_resume_point,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    skip_frozen_weights,
 )
+from lrd_dist.train.encoder_state import encoder_summary, save_encoder
+from lrd_dist.train.gather import full_parameters
 from lrd_dist.train.plots import plot_curves
 from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from lrd_dist.train.sampling import TrainingSampler
@@ -76,11 +81,14 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    # Our buffers are constants (text table, token ids, value entities): no per-step broadcast.
+    handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
     return Accelerator(
         # On CPU, accelerate only sees the gloo process group when told it is CPU work (DDP) or
         # given the backend (DeepSpeed); otherwise each process silently trains alone.
         cpu=not cuda and not deepspeed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else [],
+        kwargs_handlers=handlers,
         mixed_precision=config.train.mixed_precision,
         log_with=None if config.train.tracker == "none" else config.train.tracker,
         project_config=ProjectConfiguration(
@@ -108,7 +116,8 @@ def train(config: RunConfig) -> dict:
     catalog = Catalog.read(data / CATALOG)
     relational = config.model.name != "sasrec"
     graph = KnowledgeGraph(catalog, latent=config.model.latent_relations if relational else 0)
-    item_text = item_text_table(config, catalog)
+    item_text = build_item_text(config, catalog)
+    live_encoder = isinstance(item_text, LiveTextEncoder)
 
     def stream(split: str, shuffle: bool) -> SequenceStream:
         loader = LoaderConfig(
@@ -129,14 +138,20 @@ def train(config: RunConfig) -> dict:
 
     # ---- model, optimiser, schedule ---------------------------------------------------------------
     model = build_model(config, manifest.num_users, graph, item_text)
-    decayed = [p for n, p in model.named_parameters() if "bias" not in n]
-    undecayed = [p for n, p in model.named_parameters() if "bias" in n]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {
+            "params": [p for n, p in trainable if not n.startswith("item_text.") and "bias" not in n],
+            "weight_decay": config.train.weight_decay,
+        },
+        {"params": [p for n, p in trainable if not n.startswith("item_text.") and "bias" in n]},
+        {
+            "params": [p for n, p in trainable if n.startswith("item_text.")],
+            "lr": config.llm.lr or config.train.lr,
+        },
+    ]
     optimizer = torch.optim.Adam(
-        [
-            {"params": decayed, "weight_decay": config.train.weight_decay},
-            {"params": undecayed, "weight_decay": 0.0},
-        ],
-        lr=config.train.lr,
+        [{"weight_decay": 0.0, **g} for g in groups if g["params"]], lr=config.train.lr
     )
     # Stepped by hand at optimizer-step boundaries and saved as JSON in the trainer state.
     scheduler = get_scheduler(
@@ -147,15 +162,17 @@ def train(config: RunConfig) -> dict:
     )
     if deepspeed:
         _fill_deepspeed_auto(accelerator, config)
+    frozen = frozen_parameter_names(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
+    skip_frozen_weights(accelerator, frozen)
     gamma = graph.num_triples / manifest.num_interactions if config.kg.gamma < 0 else config.kg.gamma
     use_kg = relational and gamma > 0 and graph.num_triples > 0
     predecessors = None
     if config.lrd.enabled and config.lrd.hard_negatives > 0:
         predecessors = PredecessorTable(make_loader(stream("train", False)), manifest.num_items)
     sampler = TrainingSampler(config, graph, predecessors, use_kg, accelerator.process_index)
-    with full_parameters(core, deepspeed):
+    with full_parameters(core, deepspeed, trainable_only=True):
         parameters = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log.info(
         "rank %d of %d (%s), model %s: %d trainable parameters, %d relation slots, gamma %.4f",
@@ -188,7 +205,18 @@ def train(config: RunConfig) -> dict:
             "sampler": sampler.state_dict(),
             "data": {"epoch": state.epoch, "batches": state.batches, "batches_per_epoch": batches_per_epoch},
         }
-        save_checkpoint(accelerator, config, state, rank_state, data_checksum, config.checkpoint.keep)
+        save_checkpoint(
+            accelerator,
+            config,
+            state,
+            rank_state,
+            data_checksum,
+            config.checkpoint.keep,
+            # the adapter (or tuned encoder) in PEFT/transformers' own format, beside the shards
+            save_extra=(lambda d: save_encoder(core.item_text, deepspeed, d / ENCODER_DIR, main_process))
+            if live_encoder
+            else None,
+        )
 
     def evaluate_split(split_stream: SequenceStream) -> dict[str, float]:
         with full_parameters(core, deepspeed):
@@ -307,7 +335,7 @@ def train(config: RunConfig) -> dict:
             log.info("epoch %d: dev %s %.4f", epoch, config.eval.metric, dev[config.eval.metric])
             if dev[config.eval.metric] > state.best:
                 state.best, state.best_epoch, state.waited = dev[config.eval.metric], epoch, 0
-                weights = _full_state_dict(core, deepspeed)
+                weights = weights_to_save(_full_state_dict(core, deepspeed), core)
                 if main_process:
                     save_file(weights, str(out / BEST))
             else:
@@ -341,45 +369,26 @@ def train(config: RunConfig) -> dict:
         "steps": state.step,
         "parameters": parameters,
     }
+    if live_encoder:
+        results["encoder"] = encoder_summary(core.item_text, deepspeed, gather_object)
     if config.eval.enabled:
         best_weights = load_file(str(out / BEST))
         with full_parameters(core, deepspeed, modify=True):  # under ZeRO-3, rank 0's copy is scattered
-            core.load_state_dict(best_weights)
+            misfit = load_weights(core, best_weights)
+        if misfit:
+            raise RuntimeError(f"{out / BEST} does not fit the model: {misfit}")
         results["dev"], results["test"] = evaluate_split(dev_stream), evaluate_split(test_stream)
     results["seconds"] = time.perf_counter() - started
     if config.lrd.enabled and "planted_relation" in manifest.extra_fields:
         with full_parameters(core, deepspeed):
             results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))
+    if live_encoder:  # the best weights' encoder: `lrd-dist embed --adapter <out>/encoder`
+        save_encoder(core.item_text, deepspeed, out / ENCODER_DIR, main_process)
     if main_process:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot_curves(metrics_path, out / "curves.png", config.eval.metric)
     accelerator.end_training()
     return results
-
-
-def item_text_table(config: RunConfig, catalog: Catalog) -> torch.Tensor | None:
-    """The frozen item text vectors LRD reads, checked against the catalog; None without LRD."""
-    if not config.lrd.enabled:
-        return None
-    path = config.lrd.embeddings or Path(config.data.dir) / TABLE_NAME
-    item_text, _ = load_table(path, catalog.texts.to_pylist())
-    if config.lrd.standardize_text:
-        # Sentence vectors share a large common direction; what tells relations apart is in
-        # the rest. Without this the encoder sees almost the same input for every pair.
-        real = item_text[1:]
-        item_text[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
-    return item_text
-
-
-def full_parameters(module: torch.nn.Module, deepspeed: bool, modify: bool = False):
-    """Whole parameters on every rank for code outside the training forward (evaluation, saving):
-    under ZeRO-3 each rank holds only a shard of each parameter."""
-    if deepspeed:
-        import deepspeed as ds
-
-        if any(hasattr(p, "ds_id") for p in module.parameters()):
-            return ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
-    return contextlib.nullcontext()
 
 
 def _full_state_dict(core: torch.nn.Module, deepspeed: bool) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""Per-step random inputs of training: recommendation negatives, LRD reconstruction negatives and
-KG triples, drawn vectorised from seeded generators (one stream per rank)."""
+"""Per-step random inputs of training: recommendation negatives, LRD reconstruction negatives, the
+subset of LRD pairs a live LLM encodes, and KG triples, drawn vectorised from seeded generators
+(one stream per rank)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ class TrainingSampler:
                 history = batch["history_items"].view(*batch["history_items"].shape, *[1] * (hard.dim() - 2))
                 use_hard &= hard != history
                 lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
+        lrd_pairs = None
+        if self.config.lrd.enabled and self.config.llm.max_pairs_per_step > 0:
+            lrd_pairs = draw_pairs(batch, self.config.llm.max_pairs_per_step, self.generator)
         kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
-        return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg}
+        return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg, "lrd_pairs": lrd_pairs}
 
 
 def draw_uniform_negatives(
@@ -77,3 +81,17 @@ def draw_uniform_negatives(
             break
         draws[clash] = torch.randint(1, num_items + 1, (int(clash.sum()),), generator=generator)
     return draws
+
+
+def draw_pairs(batch: dict[str, torch.Tensor], limit: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, H] bool: ``limit`` (history, target) pairs chosen uniformly among the real ones (all of
+    them when there are fewer). Bounds what the LLM encodes per step; the recommender still sees
+    every position."""
+    history = batch["history_items"]
+    positions = torch.arange(history.shape[1])
+    real = (positions[None, :] < batch["history_length"][:, None]) & batch["valid"][:, None]
+    keys = torch.rand(history.shape, generator=generator).masked_fill(~real, -1.0)
+    chosen = torch.zeros(history.numel(), dtype=torch.bool)
+    count = min(limit, int(real.sum()))
+    chosen[keys.view(-1).topk(count).indices] = True
+    return chosen.view(history.shape)

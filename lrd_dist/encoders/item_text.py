@@ -1,0 +1,173 @@
+"""The language representations LRD reads, per item id: a frozen table, or an encoder run live.
+
+``FrozenTextTable`` looks up vectors precomputed by ``lrd-dist embed`` (the paper's setting).
+``LiveTextEncoder`` runs the Hugging Face model (LoRA-wrapped or fully trainable) inside the
+training step, so the item encoder learns from the recommendation signal. Catalog texts are
+tokenized once, at construction; each call encodes each distinct item of its input once, padded
+only to the longest of them, and scatters the vectors back to every occurrence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrd_dist.config import LLMConfig, RunConfig
+from lrd_dist.data.catalog import Catalog
+from lrd_dist.encoders.embed_catalog import TABLE_NAME
+from lrd_dist.encoders.lora import apply_lora, lora_targets
+from lrd_dist.encoders.text import EmbedConfig, load_encoder, load_table, pool, tokenize
+
+log = logging.getLogger(__name__)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class FrozenTextTable(nn.Module):
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        # Rebuilt from the embedding file, so not part of the state dict.
+        self.register_buffer("table", table, persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.table.shape[1]
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.table[items]
+
+
+class LiveTextEncoder(nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        token_ids: torch.Tensor,  # [num_items + 1, L] right-padded, row 0 unused (the padding id)
+        lengths: torch.Tensor,  # [num_items + 1]
+        pooling: str = "mean",
+        normalize: bool = True,
+        autocast: str = "no",
+        dedup: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("token_ids", token_ids, persistent=False)
+        self.register_buffer("lengths", lengths, persistent=False)
+        self.pooling, self.normalize, self.autocast, self.dedup = pooling, normalize, autocast, dedup
+        self.last_encoded = 0  # sequences the last call sent through the model (benchmarks, tests)
+
+    @classmethod
+    def from_texts(
+        cls, model: nn.Module, tokenizer, texts: Sequence[str], embed: EmbedConfig, **options
+    ) -> LiveTextEncoder:
+        ids = tokenize(texts, tokenizer, embed)
+        width = max((len(x) for x in ids), default=1)
+        token_ids = np.full((len(ids) + 1, width), tokenizer.pad_token_id, dtype=np.int32)
+        lengths = np.ones(len(ids) + 1, dtype=np.int32)
+        for row, sequence in enumerate(ids, start=1):
+            token_ids[row, : len(sequence)] = sequence
+            lengths[row] = len(sequence)
+        encoder = cls(
+            model,
+            torch.from_numpy(token_ids),
+            torch.from_numpy(lengths),
+            pooling=embed.pooling,
+            normalize=embed.normalize,
+            **options,
+        )
+        encoder.tokenizer, encoder.embed_config = tokenizer, embed  # for saving the tuned encoder
+        return encoder
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """[...] item ids to [..., dim] vectors."""
+        flat = items.reshape(-1)
+        if self.dedup:
+            distinct, inverse = torch.unique(flat, return_inverse=True)
+            vectors = self.encode(distinct)[inverse]
+        else:
+            vectors = self.encode(flat)
+        return vectors.view(*items.shape, vectors.shape[-1])
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        self.last_encoded = len(items)
+        if len(items) == 0:
+            return self.token_ids.new_zeros((0, self.dim), dtype=torch.float32)
+        lengths = self.lengths[items].long()
+        width = int(lengths.max())
+        input_ids = self.token_ids[items, :width].long()
+        mask = (torch.arange(width, device=items.device)[None, :] < lengths[:, None]).long()
+        with torch.autocast(
+            input_ids.device.type, dtype=AUTOCAST.get(self.autocast), enabled=self.autocast != "no"
+        ):
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        vectors = pool(hidden.float(), mask, self.pooling)
+        return F.normalize(vectors, dim=-1) if self.normalize else vectors
+
+
+def embed_config_of(llm: LLMConfig) -> EmbedConfig:
+    return EmbedConfig(
+        model=llm.model,
+        gguf_file=llm.gguf_file,
+        pooling=llm.pooling,
+        normalize=llm.normalize,
+        template=llm.template,
+        max_length=llm.max_length,
+        trust_remote_code=llm.trust_remote_code,
+    )
+
+
+def build_item_text(config: RunConfig, catalog: Catalog) -> FrozenTextTable | LiveTextEncoder | None:
+    """What ``Recommender`` reads item language from; None without LRD."""
+    if not config.lrd.enabled:
+        return None
+    texts = catalog.texts.to_pylist()
+    if config.llm.mode == "frozen":
+        path = config.lrd.embeddings or Path(config.data.dir) / TABLE_NAME
+        table, _ = load_table(path, texts)
+        if config.lrd.standardize_text:
+            # Sentence vectors share a large common direction; what tells relations apart is in
+            # the rest. Without this the encoder sees almost the same input for every pair.
+            real = table[1:]
+            table[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
+        return FrozenTextTable(table)
+    embed = embed_config_of(config.llm)
+    embed.validate()
+    tokenizer, model = load_encoder(embed)
+    if config.llm.gradient_checkpointing:
+        # Non-reentrant: the reentrant variant drops gradients of adapters whose inputs need none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.llm.mode == "lora":
+        model = apply_lora(model, config.llm)
+        log.info("LoRA on %s: %s", config.llm.model, ", ".join(lora_targets(model)))
+    encoder = LiveTextEncoder.from_texts(
+        model, tokenizer, texts, embed, autocast=config.llm.autocast, dedup=config.llm.dedup
+    )
+    if config.llm.mode == "full":
+        _freeze_unreached(encoder)
+    return encoder
+
+
+def _freeze_unreached(encoder: LiveTextEncoder) -> None:
+    """Freeze weights that never reach the pooled vector (BERT's pooler head, an LM head): they
+    would get no gradient, which DDP reports as an error and optimisers carry as dead weight."""
+    encoder.model.zero_grad(set_to_none=True)
+    encoder(torch.tensor([1])).sum().backward()
+    unreached = [n for n, p in encoder.model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, parameter in encoder.model.named_parameters():
+        parameter.grad = None
+        if name in unreached:
+            parameter.requires_grad_(False)
+    if unreached:
+        log.info(
+            "full fine-tuning: %d tensors do not reach the item vector, frozen: %s",
+            len(unreached),
+            unreached[:4],
+        )
