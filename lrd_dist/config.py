@@ -77,6 +77,7 @@ class LLMConfig:
     autocast: str = "no"  # no | bf16 | fp16: the encoder's forward under torch.autocast
     max_pairs_per_step: int = 0  # > 0: (history, target) pairs of the LRD loss per micro-batch and rank
     dedup: bool = True  # encode each distinct item once per micro-batch (false: every occurrence)
+    chunk_size: int = 128  # items per encoder call, grouped by text length (less padding)
     trust_remote_code: bool = False
 
 
@@ -196,8 +197,10 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         )
     if "{text}" not in config.llm.template:
         raise InputError(where, f"llm.template={config.llm.template!r} has no {{text}}", "put {text} in it")
-    if config.llm.max_pairs_per_step < 0 or config.llm.lora_rank < 1:
-        raise InputError(where, "llm.max_pairs_per_step < 0 or llm.lora_rank < 1", "fix the value")
+    if config.llm.max_pairs_per_step < 0 or config.llm.lora_rank < 1 or config.llm.chunk_size < 1:
+        raise InputError(
+            where, "llm.max_pairs_per_step < 0, llm.lora_rank < 1 or llm.chunk_size < 1", "fix the value"
+        )
     if config.train.grad_accum < 1:
         raise InputError(where, f"train.grad_accum={config.train.grad_accum}", "use 1 or more")
     if config.checkpoint.keep < 1:

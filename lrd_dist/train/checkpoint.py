@@ -55,6 +55,7 @@ RESUMABLE_CHANGES = {
     "llm.dedup",
     "llm.gradient_checkpointing",
     "llm.autocast",
+    "llm.chunk_size",
 }
 
 

@@ -59,7 +59,10 @@ def test_each_distinct_item_is_encoded_once(synth_with_embeddings: Path, item_id
         live.dedup = False
         every = live(item_ids)
         assert live.last_encoded == item_ids.numel()
+        live.chunk_size = 5  # several length-sorted chunks, scattered back in input order
+        chunked = live(item_ids)
     assert (once - every).abs().max() < 1e-5
+    assert (chunked - every).abs().max() < 1e-5
 
 
 def test_full_mode_trains_every_weight_that_reaches_the_vector(synth_with_embeddings: Path) -> None:
@@ -154,3 +157,14 @@ def test_smollm2_decoder_llm_as_a_lora_item_encoder() -> None:
     (vectors[0] @ vectors[1]).backward()
     lora_b = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+
+
+def test_bf16_autocast_runs_the_encoder_in_bf16(synth_with_embeddings: Path, item_ids) -> None:
+    live = _build(synth_with_embeddings, "llm.mode=lora", "llm.max_length=128").eval()
+    with torch.no_grad():
+        exact = live(item_ids)
+        live.autocast = "bf16"
+        low = live(item_ids)
+    assert low.dtype == torch.float32  # pooled and normalised in fp32
+    difference = (low - exact).abs().max()
+    assert 1e-4 < difference < 0.05  # bf16 matmuls (8-bit mantissa), still the same vectors
