@@ -60,6 +60,9 @@ class LiveTextEncoder(nn.Module):
         self.register_buffer("lengths", lengths, persistent=False)
         self.pooling, self.normalize, self.autocast, self.dedup = pooling, normalize, autocast, dedup
         self.chunk_size = chunk_size  # sequences per encoder call, grouped by length
+        # Under ZeRO-3 every call of the model gathers its weights collectively, so every rank must
+        # make the same number of calls: exactly one per encode (no chunks; a dummy when empty).
+        self.lockstep = False
         self.last_encoded = 0  # sequences the last call sent through the model (benchmarks, tests)
 
     @classmethod
@@ -102,6 +105,10 @@ class LiveTextEncoder(nn.Module):
         """[N] ids to [N, dim], in length-sorted chunks: one long title would otherwise pad the
         whole step to its length (measured on Office: most of the encoder's work)."""
         self.last_encoded = len(items)
+        if self.lockstep:
+            if len(items) == 0:  # still take part in the collective gathers of the weights
+                return self._encode_chunk(items.new_ones(1))[:0]
+            return self._encode_chunk(items)
         if len(items) == 0:
             return self.token_ids.new_zeros((0, self.dim), dtype=torch.float32)
         order = torch.argsort(self.lengths[items], stable=True)

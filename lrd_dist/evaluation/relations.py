@@ -53,10 +53,11 @@ def relation_agreement(
         offset, relation = batch["planted_offset"], batch["planted_relation"]
         length = batch["history_length"]
         keep = batch["valid"] & (relation > 0) & (offset >= 1) & (offset <= length)
+        source = batch["history_items"][keep].gather(1, (length[keep] - offset[keep])[:, None])[:, 0]
+        # called on every batch, even with no pair: a live encoder under ZeRO-3 must keep step
+        q = model.relation_distribution(source, batch["target"][keep])
         if not keep.any():
             continue
-        source = batch["history_items"][keep].gather(1, (length[keep] - offset[keep])[:, None])[:, 0]
-        q = model.relation_distribution(source, batch["target"][keep])
         predicted.append(q.argmax(-1).cpu().numpy())
         width = q.shape[-1]
         truth.append(relation[keep].cpu().numpy())

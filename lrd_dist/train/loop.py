@@ -166,6 +166,8 @@ def train(config: RunConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     skip_frozen_weights(accelerator, frozen)
+    if live_encoder and deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        core.item_text.lockstep = True
     gamma = graph.num_triples / manifest.num_interactions if config.kg.gamma < 0 else config.kg.gamma
     use_kg = relational and gamma > 0 and graph.num_triples > 0
     predecessors = None
@@ -218,8 +220,10 @@ def train(config: RunConfig) -> dict:
             else None,
         )
 
+    forward_only = core.item_text if live_encoder else None  # see full_parameters
+
     def evaluate_split(split_stream: SequenceStream) -> dict[str, float]:
-        with full_parameters(core, deepspeed):
+        with full_parameters(core, deepspeed, skip=forward_only):
             return evaluate(
                 core,
                 make_loader(split_stream),
@@ -380,7 +384,7 @@ def train(config: RunConfig) -> dict:
         results["dev"], results["test"] = evaluate_split(dev_stream), evaluate_split(test_stream)
     results["seconds"] = time.perf_counter() - started
     if config.lrd.enabled and "planted_relation" in manifest.extra_fields:
-        with full_parameters(core, deepspeed):
+        with full_parameters(core, deepspeed, skip=forward_only):
             results["relation_discovery"] = relation_agreement(core, make_loader(stream("train", False)))
     if live_encoder:  # the best weights' encoder: `lrd-dist embed --adapter <out>/encoder`
         save_encoder(core.item_text, deepspeed, out / ENCODER_DIR, main_process)

@@ -61,8 +61,13 @@ def test_each_distinct_item_is_encoded_once(synth_with_embeddings: Path, item_id
         assert live.last_encoded == item_ids.numel()
         live.chunk_size = 5  # several length-sorted chunks, scattered back in input order
         chunked = live(item_ids)
+        live.lockstep = True  # ZeRO-3: one model call per encode, even with nothing to encode
+        single = live(item_ids)
+        nothing = live(torch.zeros(0, dtype=torch.long))
     assert (once - every).abs().max() < 1e-5
     assert (chunked - every).abs().max() < 1e-5
+    assert (single - every).abs().max() < 1e-5
+    assert nothing.shape == (0, 384)
 
 
 def test_full_mode_trains_every_weight_that_reaches_the_vector(synth_with_embeddings: Path) -> None:

@@ -36,6 +36,7 @@ def _train(data: Path, out: Path, *extra: str) -> list[str]:
         "llm.mode=lora",
         "llm.gradient_checkpointing=true",
         "llm.max_pairs_per_step=48",
+        "llm.chunk_size=16",  # several encoder calls per step, except under ZeRO-3 (lockstep: one)
         "llm.lr=0.01",
         "train.epochs=2",
         f"train.max_steps={STEPS}",
