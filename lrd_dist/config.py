@@ -53,6 +53,8 @@ class LRDConfig:
     num_negatives: int = 8  # softmax decoder: candidates per pair
     slots: str = "all"  # all: q over every relation slot (official); latent: only the K latent slots
     standardize_text: bool = False  # remove the catalog mean of the text vectors, scale to unit variance
+    pair_features: str = "concat"  # concat: [h; i] (official) | absdiff: |h - i| (what the pair differs in)
+    pair_window: int = 0  # > 0: only the N most recent history items pair with the target (0: all, official)
     hard_negatives: float = 0.0  # share of reconstruction negatives drawn from the target's predecessors
     embeddings: str = ""  # item_embeddings.safetensors; default: <data.dir>/item_embeddings.safetensors
 
@@ -164,6 +166,12 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         raise InputError(
             where, "lrd.enabled with model.latent_relations=0", "set model.latent_relations >= 1"
         )
+    if config.lrd.pair_window < 0:
+        raise InputError(
+            where, f"lrd.pair_window={config.lrd.pair_window}", "use 0 (all) or a positive count"
+        )
+    if config.lrd.pair_features not in ("concat", "absdiff"):
+        raise InputError(where, f"lrd.pair_features={config.lrd.pair_features!r}", "use concat or absdiff")
     if config.lrd.decoder not in ("official", "softmax"):
         raise InputError(where, f"lrd.decoder={config.lrd.decoder!r}", "use official or softmax")
     if config.lrd.slots not in ("all", "latent"):

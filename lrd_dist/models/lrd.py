@@ -33,10 +33,13 @@ class LatentRelationDiscovery(nn.Module):
         alpha: float = 0.1,
         leave_one_latent: bool = False,
         balance: float = 0.0,
+        pair_features: str = "concat",
     ) -> None:
         super().__init__()
         self.project_text = nn.Linear(text_dim, emb_size)
-        self.relation_logits = nn.Linear(2 * emb_size, num_relations)
+        self.pair_features = pair_features
+        width = 2 * emb_size if pair_features == "concat" else emb_size
+        self.relation_logits = nn.Linear(width, num_relations)
         self.alpha = alpha
         self.balance = balance
         self.first_decoded = 1 if leave_one_latent else 0
@@ -46,7 +49,10 @@ class LatentRelationDiscovery(nn.Module):
 
     def relation_distribution(self, head_text: torch.Tensor, tail_text: torch.Tensor) -> torch.Tensor:
         """q(r | h, i): [N, P] language vectors of history items and targets to [N, R] probabilities."""
-        pair = torch.cat([self.project_text(head_text), self.project_text(tail_text)], dim=-1)
+        head, tail = self.project_text(head_text), self.project_text(tail_text)
+        # absdiff: only what differs between the two texts, the same in both directions
+        absdiff = self.pair_features == "absdiff"
+        pair = (tail - head).abs() if absdiff else torch.cat([head, tail], dim=-1)
         return self.relation_logits(pair).softmax(dim=-1)
 
     def loss(

@@ -215,14 +215,18 @@ def verify_checkpoint(
                 f"now {data_checksum[:12]})",
                 "point data.dir at the dataset it was trained on, or set checkpoint.force=true",
             )
-        now = asdict(config)
-        changed = [
-            f"{section}.{key}: {trainer['config'][section].get(key)!r} -> {value!r}"
+        now, defaults = asdict(config), asdict(RunConfig())
+        # a key newer than the checkpoint had its default then (older checkpoints lack it)
+        saved = {
+            section: {**defaults[section], **trainer["config"][section]}
             for section in MODEL_SECTIONS
             if section in trainer["config"]  # (older checkpoints have no llm section)
+        }
+        changed = [
+            f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+            for section in saved
             for key, value in now[section].items()
-            if trainer["config"].get(section, {}).get(key) != value
-            and f"{section}.{key}" not in RESUMABLE_CHANGES
+            if saved[section][key] != value and f"{section}.{key}" not in RESUMABLE_CHANGES
         ]
         if changed:
             raise InputError(

@@ -53,8 +53,10 @@ class TrainingSampler:
                 use_hard &= hard != history
                 lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
         lrd_pairs = None
+        if self.config.lrd.enabled and self.config.lrd.pair_window > 0:
+            lrd_pairs = recent_pairs(batch, self.config.lrd.pair_window)
         if self.config.lrd.enabled and self.config.llm.max_pairs_per_step > 0:
-            lrd_pairs = draw_pairs(batch, self.config.llm.max_pairs_per_step, self.generator)
+            lrd_pairs = draw_pairs(batch, self.config.llm.max_pairs_per_step, self.generator, lrd_pairs)
         kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
         return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg, "lrd_pairs": lrd_pairs}
 
@@ -83,13 +85,27 @@ def draw_uniform_negatives(
     return draws
 
 
-def draw_pairs(batch: dict[str, torch.Tensor], limit: int, generator: torch.Generator) -> torch.Tensor:
-    """[B, H] bool: ``limit`` (history, target) pairs chosen uniformly among the real ones (all of
-    them when there are fewer). Bounds what the LLM encodes per step; the recommender still sees
-    every position."""
+def recent_pairs(batch: dict[str, torch.Tensor], window: int) -> torch.Tensor:
+    """[B, H] bool: the ``window`` most recent history items of each row, the pairs most likely
+    to be related to the target (far-back items are mostly noise for relation discovery)."""
+    positions = torch.arange(batch["history_items"].shape[1])
+    return positions[None, :] >= (batch["history_length"] - window)[:, None]
+
+
+def draw_pairs(
+    batch: dict[str, torch.Tensor],
+    limit: int,
+    generator: torch.Generator,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, H] bool: ``limit`` (history, target) pairs chosen uniformly among the real (and
+    ``allowed``) ones, all of them when there are fewer. Bounds what the LLM encodes per step; the
+    recommender still sees every position."""
     history = batch["history_items"]
     positions = torch.arange(history.shape[1])
     real = (positions[None, :] < batch["history_length"][:, None]) & batch["valid"][:, None]
+    if allowed is not None:
+        real &= allowed
     keys = torch.rand(history.shape, generator=generator).masked_fill(~real, -1.0)
     chosen = torch.zeros(history.numel(), dtype=torch.bool)
     count = min(limit, int(real.sum()))

@@ -204,3 +204,43 @@ def test_softmax_decoder_ranks_the_true_history_item_among_candidates() -> None:
     low, _ = lrd.loss(q, good_history, candidates, target, relations, mask)
     high, _ = lrd.loss(torch.tensor([[[0.0, 1.0]]]), good_history, candidates, target, relations, mask)
     assert low < 0.01 < high  # under the right relation the true item wins; under the other it loses
+
+
+def test_absdiff_pair_features_give_the_same_relation_in_both_directions() -> None:
+    """absdiff sees only what differs between the two texts, so (h, i) and (i, h) share q, while the
+    official concatenation tells them apart."""
+    torch.manual_seed(0)
+    head, tail = torch.randn(5, 8), torch.randn(5, 8)
+    symmetric = LatentRelationDiscovery(8, 4, num_relations=3, pair_features="absdiff")
+    for layer in (symmetric.project_text, symmetric.relation_logits):
+        torch.nn.init.normal_(layer.weight)
+    assert torch.allclose(
+        symmetric.relation_distribution(head, tail), symmetric.relation_distribution(tail, head)
+    )
+    official = LatentRelationDiscovery(8, 4, num_relations=3)
+    for layer in (official.project_text, official.relation_logits):
+        torch.nn.init.normal_(layer.weight)
+    forward, backward = official.relation_distribution(head, tail), official.relation_distribution(tail, head)
+    assert (forward - backward).abs().max() > 1e-3
+    # identical texts: absdiff sees no difference at all, whatever the item
+    same = symmetric.relation_distribution(head, head)
+    assert torch.allclose(same, same[:1].expand_as(same))
+
+
+def test_pair_window_keeps_only_the_most_recent_history_items() -> None:
+    from lrd_dist.train.sampling import draw_pairs, recent_pairs
+
+    batch = {
+        "valid": torch.tensor([True, True, False]),
+        "history_length": torch.tensor([4, 1, 3]),
+        "history_items": torch.tensor([[1, 2, 3, 4], [5, 0, 0, 0], [6, 7, 8, 0]]),
+        "target": torch.tensor([9, 9, 9]),
+    }
+    window = recent_pairs(batch, 2)
+    assert window[0].tolist() == [False, False, True, True]  # the last two of four
+    assert bool(window[1, 0])  # a one-item history keeps its item
+    chosen = draw_pairs(batch, 100, torch.Generator().manual_seed(0), window)
+    # every real pair inside the window, none outside it, none of padding or an invalid row
+    assert chosen.tolist() == [[False, False, True, True], [True, False, False, False], [False] * 4]
+    few = draw_pairs(batch, 1, torch.Generator().manual_seed(0), window)
+    assert int(few.sum()) == 1 and bool((few & ~chosen).sum() == 0)

@@ -158,3 +158,30 @@ def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tm
     # logging artefacts of the run: TensorBoard events and the curves
     assert list((straight / "tensorboard").rglob("events.out.tfevents.*"))
     assert (straight / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_checkpoint_older_than_a_config_key_resumes_at_that_keys_default(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
+) -> None:
+    """A key added after the checkpoint was written had its default then: resuming with the default
+    is allowed, with another value refused."""
+    from lrd_dist.train.checkpoint import COMPLETE, TRAINER, sha256_of, verify_checkpoint
+
+    older = tmp_path / "older"
+    shutil.copytree(complete_checkpoints(checkpointed_run / "checkpoints")[-1], older)
+    trainer = json.loads((older / TRAINER).read_text())
+    del trainer["config"]["lrd"]["pair_window"]
+    (older / TRAINER).write_text(json.dumps(trainer))
+    marker = json.loads((older / COMPLETE).read_text())
+    marker["files"][TRAINER] = {
+        "bytes": (older / TRAINER).stat().st_size,
+        "sha256": sha256_of(older / TRAINER),
+    }
+    (older / COMPLETE).write_text(json.dumps(marker))
+
+    config = load_config(None, _overrides(synth_with_embeddings, tmp_path / "r", "checkpoint.resume=auto"))
+    args = (trainer["data_checksum"], trainer["world_size"], False)
+    assert verify_checkpoint(older, config, *args)["state"] == trainer["state"]
+    config.lrd.pair_window = 2
+    with pytest.raises(InputError, match=r"lrd\.pair_window: 0 -> 2"):
+        verify_checkpoint(older, config, *args)

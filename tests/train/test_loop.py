@@ -71,6 +71,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(None, ["lrd.enabled=true"])
     with pytest.raises(InputError, match="leave_one_latent"):
         load_config(None, ["lrd.slots=latent", "model.leave_one_latent=true"])
+    with pytest.raises(InputError, match="pair_features"):
+        load_config(None, ["lrd.pair_features=product"])
+    with pytest.raises(InputError, match="pair_window"):
+        load_config(None, ["lrd.pair_window=-1"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: gru}\n")
     with pytest.raises(InputError, match=r"model\.name"):
