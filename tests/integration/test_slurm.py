@@ -113,7 +113,7 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
     _wait(
         lambda: _job_state(env, job).get("Restarts") == "1" and _job_state(env, job)["JobState"] == "PENDING",
-        120,
+        300,  # the tasks checkpoint first; slow when the machine is busy (seen: > 120 s under load)
         "the requeue",
     )
     # a requeued job waits ~2 minutes before it is eligible again; the test does not
