@@ -253,6 +253,18 @@ def _relations(args: argparse.Namespace) -> None:
     print(f"wrote {relation_report(args.run, top=args.top)}")
 
 
+# LRD settings of the demo (configs/synth/kda_lrd.yaml holds the same; a test keeps them equal):
+# beyond the official objective, they are what makes relations discoverable (README, "Relation discovery").
+DEMO_LRD = (
+    "lrd.enabled=true",
+    "lrd.alpha=1.0",
+    "lrd.balance=1.0",
+    "lrd.pair_features=absdiff",
+    "lrd.decoder_text=true",
+    "lrd.slots=latent",
+)
+
+
 def _demo(args: argparse.Namespace) -> None:
     """The embedded default end to end: planted-relation data, MiniLM item embeddings, KDA+LRD."""
     from lrd_dist.config import load_config
@@ -289,7 +301,7 @@ def _demo(args: argparse.Namespace) -> None:
             "model.num_layers=2",
             "model.num_heads=2",
             "model.latent_relations=4",
-            "lrd.enabled=true",
+            *DEMO_LRD,
             f"train.epochs={args.epochs}",
             "train.lr=3e-3",
             "train.patience=3",

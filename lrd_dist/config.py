@@ -54,6 +54,8 @@ class LRDConfig:
     slots: str = "all"  # all: q over every relation slot (official); latent: only the K latent slots
     standardize_text: bool = False  # remove the catalog mean of the text vectors, scale to unit variance
     pair_features: str = "concat"  # concat: [h; i] (official) | absdiff: |h - i| (what the pair differs in)
+    shuffle_text: bool = False  # ablation: permute the text vectors across items (frozen table only)
+    decoder_text: bool = False  # decoder items = ID embedding + projected text (frozen table only)
     pair_window: int = 0  # > 0: only the N most recent history items pair with the target (0: all, official)
     hard_negatives: float = 0.0  # share of reconstruction negatives drawn from the target's predecessors
     embeddings: str = ""  # item_embeddings.safetensors; default: <data.dir>/item_embeddings.safetensors
@@ -166,6 +168,11 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         raise InputError(
             where, "lrd.enabled with model.latent_relations=0", "set model.latent_relations >= 1"
         )
+    for option in ("decoder_text", "shuffle_text"):
+        if getattr(config.lrd, option) and config.llm.mode != "frozen":
+            raise InputError(
+                where, f"lrd.{option} with llm.mode={config.llm.mode}", "use it with llm.mode=frozen"
+            )
     if config.lrd.pair_window < 0:
         raise InputError(
             where, f"lrd.pair_window={config.lrd.pair_window}", "use 0 (all) or a positive count"

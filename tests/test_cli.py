@@ -23,6 +23,19 @@ def test_demo_trains_kda_lrd_on_the_embedded_default(tmp_path: Path, capsys) -> 
     assert f"{results['test']['NDCG@10']:.4f}" in printed and "relation discovery on" in printed
 
 
+def test_demo_and_the_shipped_synthetic_config_share_the_lrd_settings() -> None:
+    from dataclasses import asdict
+
+    from lrd_dist.cli import DEMO_LRD
+    from lrd_dist.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = asdict(load_config(root / "configs" / "synth" / "kda_lrd.yaml"))
+    demo = asdict(load_config(None, ["model.latent_relations=4", *DEMO_LRD]))
+    assert shipped["lrd"] == demo["lrd"]
+    assert shipped["lrd"]["decoder_text"] and shipped["lrd"]["pair_features"] == "absdiff"
+
+
 def test_verify_reports_counts_and_refuses_a_damaged_shard(
     synth_dataset: Path, tmp_path: Path, capsys
 ) -> None:

@@ -154,6 +154,9 @@ def build_item_text(config: RunConfig, catalog: Catalog) -> FrozenTextTable | Li
             # the rest. Without this the encoder sees almost the same input for every pair.
             real = table[1:]
             table[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
+        if config.lrd.shuffle_text:  # ablation: each item gets another item's text vector
+            order = torch.randperm(len(table) - 1, generator=torch.Generator().manual_seed(config.train.seed))
+            table[1:] = table[1:][order]
         return FrozenTextTable(table)
     embed = embed_config_of(config.llm)
     embed.validate()

@@ -52,6 +52,7 @@ def build_model(
             model.leave_one_latent,
             config.lrd.balance,
             config.lrd.pair_features,
+            config.lrd.decoder_text,
         )
     first_slot = 0 if config.lrd.slots == "all" else graph.slots.predefined
     return Recommender(backbone, lrd, item_text if config.lrd.enabled else None, first_slot)

@@ -34,9 +34,13 @@ class LatentRelationDiscovery(nn.Module):
         leave_one_latent: bool = False,
         balance: float = 0.0,
         pair_features: str = "concat",
+        decoder_text: bool = False,
     ) -> None:
         super().__init__()
         self.project_text = nn.Linear(text_dim, emb_size)
+        # Beyond the official code: the decoder's items are ID embedding + a projection of the text,
+        # so it cannot fit an arbitrary partition of the pairs by memorising free ID vectors.
+        self.text_to_entity = nn.Linear(text_dim, emb_size) if decoder_text else None
         self.pair_features = pair_features
         width = 2 * emb_size if pair_features == "concat" else emb_size
         self.relation_logits = nn.Linear(width, num_relations)

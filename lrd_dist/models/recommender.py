@@ -84,11 +84,16 @@ class Recommender(nn.Module):
             q_pairs = self.relation_distribution(history[rows, columns], batch["target"][rows])
             q = q_pairs.new_zeros((*history.shape, q_pairs.shape[-1]))
             q[rows, columns] = q_pairs
+            decoded = [entities(history), entities(lrd_negatives), entities(batch["target"])]
+            if self.lrd.text_to_entity is not None:  # a frozen table: looking up negatives is free
+                items = (history, lrd_negatives, batch["target"])
+                decoded = [
+                    e + self.lrd.text_to_entity(self.item_text(i))
+                    for e, i in zip(decoded, items, strict=True)
+                ]
             loss, stats = self.lrd.loss(
                 q,
-                entities(history),
-                entities(lrd_negatives),
-                entities(batch["target"]),
+                *decoded,
                 relations.weight[self.lrd_first_slot :],
                 mask,
             )

@@ -173,3 +173,21 @@ def test_bf16_autocast_runs_the_encoder_in_bf16(synth_with_embeddings: Path, ite
     assert low.dtype == torch.float32  # pooled and normalised in fp32
     difference = (low - exact).abs().max()
     assert 1e-4 < difference < 0.05  # bf16 matmuls (8-bit mantissa), still the same vectors
+
+
+def test_shuffle_text_ablation_permutes_the_vectors_across_items(synth_with_embeddings) -> None:
+    from lrd_dist.config import load_config
+    from lrd_dist.data.catalog import Catalog
+    from lrd_dist.data.format import CATALOG
+    from lrd_dist.encoders.item_text import build_item_text
+
+    catalog = Catalog.read(synth_with_embeddings / CATALOG)
+    common = [f"data.dir={synth_with_embeddings}", "lrd.enabled=true", "model.latent_relations=2"]
+    plain = build_item_text(load_config(None, common), catalog).table
+    shuffled = build_item_text(load_config(None, [*common, "lrd.shuffle_text=true"]), catalog).table
+    assert torch.equal(shuffled[0], plain[0])  # the padding row stays
+    moved = (shuffled[1:] != plain[1:]).any(1).float().mean()
+    assert moved > 0.9  # almost every item now has another item's vector ...
+    # ... and the same set of vectors: sorting rows gives the same table
+    key = lambda t: t[1:][torch.argsort(t[1:, 0])]  # noqa: E731
+    assert torch.equal(key(shuffled), key(plain))

@@ -244,3 +244,28 @@ def test_pair_window_keeps_only_the_most_recent_history_items() -> None:
     assert chosen.tolist() == [[False, False, True, True], [True, False, False, False], [False] * 4]
     few = draw_pairs(batch, 1, torch.Generator().manual_seed(0), window)
     assert int(few.sum()) == 1 and bool((few & ~chosen).sum() == 0)
+
+
+def test_decoder_text_gives_the_decoder_items_a_trained_view_of_their_text() -> None:
+    """With decoder_text the LRD loss depends on the text projection (and trains it); without, the
+    decoder sees ID embeddings only."""
+    from lrd_dist.encoders.item_text import FrozenTextTable
+
+    batch = _batch()
+    table = FrozenTextTable(torch.randn(31, 8))
+    lrd_negatives = torch.randint(
+        1, 31, batch["history_items"].shape, generator=torch.Generator().manual_seed(1)
+    )
+    losses = {}
+    for decoder_text in (False, True):
+        torch.manual_seed(0)
+        lrd = LatentRelationDiscovery(8, 16, num_relations=4, decoder_text=decoder_text)
+        model = Recommender(_relational(temporal=True), lrd, table)
+        out = model(batch, negatives=batch["target"].flip(0), lrd_negatives=lrd_negatives)
+        losses[decoder_text] = out["lrd"].item()
+        if decoder_text:
+            out["lrd"].backward()
+            assert lrd.text_to_entity.weight.grad.abs().sum() > 0
+        else:
+            assert lrd.text_to_entity is None
+    assert losses[True] != pytest.approx(losses[False])

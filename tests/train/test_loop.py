@@ -49,9 +49,10 @@ def test_training_learns_and_writes_its_run_directory(
     assert json.loads((tmp_path / "results.json").read_text())["best_epoch"] == results["best_epoch"]
     assert "latent_relations: 3" in (tmp_path / "config.yaml").read_text()
     if name != "sasrec":
-        assert "lrd_usage" in steps[-1] and len(steps[-1]["lrd_usage"]) == 1 + 1 + 2 + 3
+        # the synthetic config's q covers the 3 latent slots only (lrd.slots=latent)
+        assert "lrd_usage" in steps[-1] and len(steps[-1]["lrd_usage"]) == 3
         assert 0 <= results["relation_discovery"]["nmi"] <= 1
-        assert len(results["relation_discovery"]["usage"]) == 1 + 1 + 2 + 3
+        assert len(results["relation_discovery"]["usage"]) == 3
 
 
 def test_early_stopping_keeps_the_best_epoch(synth_with_embeddings: Path, tmp_path: Path) -> None:
@@ -73,6 +74,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(None, ["lrd.slots=latent", "model.leave_one_latent=true"])
     with pytest.raises(InputError, match="pair_features"):
         load_config(None, ["lrd.pair_features=product"])
+    with pytest.raises(InputError, match="decoder_text"):
+        load_config(None, ["lrd.decoder_text=true", "llm.mode=lora"])
     with pytest.raises(InputError, match="pair_window"):
         load_config(None, ["lrd.pair_window=-1"])
     bad = tmp_path / "bad.yaml"
