@@ -122,7 +122,9 @@ def test_relation_report_shows_pairs_usage_and_heatmap(synth_with_embeddings: Pa
     train(
         load_config(
             CONFIGS / "synth" / "kda_lrd.yaml",
-            _overrides(synth_with_embeddings, tmp_path, "train.epochs=1", "model.latent_relations=2"),
+            _overrides(
+                synth_with_embeddings, tmp_path, "train.epochs=1", "model.latent_relations=2", "lrd.slots=all"
+            ),
         )
     )
     assert main(["relations", "--run", str(tmp_path), "--top", "3"]) == 0
