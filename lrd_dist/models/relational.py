@@ -34,16 +34,13 @@ class RelationInteraction(nn.Module):
         self.norm = nn.LayerNorm(emb_size)
         self.dropout = nn.Dropout(dropout)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        n, r, v = x.shape
-        return x.view(n, r, self.num_heads, v // self.num_heads).transpose(1, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V]
+        # One GEMM for q, k and v (the weights stay three modules, as in the official checkpoints).
+        qkv_weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        n, r, v = x.shape
         for _ in range(self.num_layers):
-            attended = F.scaled_dot_product_attention(
-                self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-            )
-            attended = attended.transpose(1, 2).reshape(x.shape)
+            q, k, vv = F.linear(x, qkv_weight).view(n, r, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, vv).transpose(1, 2).reshape(n, r, v)
             x = self.norm(x + self.dropout(self.output(F.relu(self.hidden(attended)))))
         return x
 
