@@ -65,6 +65,7 @@ def main() -> None:
     from lrd_dist.encoders.item_text import build_item_text
     from lrd_dist.evaluation.evaluate import evaluate
     from lrd_dist.models import build_model
+    from lrd_dist.models.relational import RelationalRecommender
     from lrd_dist.train.sampling import draw_uniform_negatives
 
     config = load_config(args.config, [f"data.dir={args.data}"])
@@ -119,7 +120,11 @@ def main() -> None:
     train_flops = 3 * steps * interaction_flops(train_rows, slots, size, layers)
     eval_flops = eval_batches * interaction_flops(eval_rows, slots, size, layers)
     train_gemm = gemm_flops_per_s(train_rows * slots, size)
-    eval_gemm = gemm_flops_per_s(eval_rows * slots, size)
+    # evaluation scores candidates in blocks of about BLOCK_ROWS rows (RelationalRecommender.forward)
+    block_rows = config.data.eval_batch_size * max(
+        1, RelationalRecommender.BLOCK_ROWS // config.data.eval_batch_size
+    )
+    eval_gemm = gemm_flops_per_s(min(eval_rows, block_rows) * slots, size)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     name = f"{config.model.name}{'_lrd' if config.lrd.enabled else ''}"
     official = OFFICIAL.get(name)

@@ -120,6 +120,7 @@ class LatentRelationDiscovery(nn.Module):
     @staticmethod
     def _triple_score(weights, items, target, relations) -> torch.Tensor:
         """q_r * (DistMult(e_h, r, e_i) + e_h . r + e_i . r) -> [B, H, R]."""
-        distmult = torch.einsum("bhv,rv,bv->bhr", items, relations, target)
+        # (e_h * e_i) @ W_r^T: one GEMM (the three-operand einsum materialises [B, H, R, V])
+        distmult = (items * target[:, None, :]) @ relations.T
         selectional = items @ relations.T + (target @ relations.T)[:, None, :]
         return weights * (distmult + selectional)

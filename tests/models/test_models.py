@@ -292,3 +292,18 @@ def test_relation_interaction_matches_separate_multi_head_attention() -> None:
         attended = (weights @ v).transpose(1, 2).reshape(5, 7, 16)
         expected = block.norm(expected + block.output(torch.relu(block.hidden(attended))))
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_scoring_candidates_in_blocks_changes_no_score(temporal: bool, monkeypatch) -> None:
+    model = _relational(temporal).eval()
+    batch = _batch()
+    candidates = torch.randint(1, 31, (4, 25), generator=torch.Generator().manual_seed(1))
+    arguments = {
+        k: batch[k] for k in ("user", "history_items", "history_times", "history_length", "target_time")
+    }
+    whole = model(**arguments, candidates=candidates)
+    monkeypatch.setattr(RelationalRecommender, "BLOCK_ROWS", 4 * 3)  # blocks of 3 candidates, one of 1
+    blocked = model(**arguments, candidates=candidates)
+    assert whole.shape == blocked.shape == (4, 25)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)
