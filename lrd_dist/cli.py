@@ -253,9 +253,15 @@ def _relations(args: argparse.Namespace) -> None:
     print(f"wrote {relation_report(args.run, top=args.top)}")
 
 
-# LRD settings of the demo (configs/synth/kda_lrd.yaml holds the same; a test keeps them equal):
-# beyond the official objective, they are what makes relations discoverable (README, "Relation discovery").
-DEMO_LRD = (
+# Model and LRD settings of the demo (configs/synth/kda_lrd.yaml holds the same; a test keeps them
+# equal): beyond the official objective, the LRD ones make relations discoverable (README, "Relation
+# discovery"); emb 64 keeps the discovery stable across seeds (NMI >= 0.8 for seeds 0-2, 32: 0.78-1.0).
+DEMO_MODEL = (
+    "model.name=kda",
+    "model.emb_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.latent_relations=4",
     "lrd.enabled=true",
     "lrd.alpha=1.0",
     "lrd.balance=1.0",
@@ -296,12 +302,7 @@ def _demo(args: argparse.Namespace) -> None:
         [
             f"data.dir={data}",
             f"train.out_dir={args.out / 'kda_lrd'}",
-            "model.name=kda",
-            "model.emb_size=32",
-            "model.num_layers=2",
-            "model.num_heads=2",
-            "model.latent_relations=4",
-            *DEMO_LRD,
+            *DEMO_MODEL,
             f"train.epochs={args.epochs}",
             "train.lr=3e-3",
             "train.patience=3",

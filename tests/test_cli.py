@@ -23,16 +23,16 @@ def test_demo_trains_kda_lrd_on_the_embedded_default(tmp_path: Path, capsys) -> 
     assert f"{results['test']['NDCG@10']:.4f}" in printed and "relation discovery on" in printed
 
 
-def test_demo_and_the_shipped_synthetic_config_share_the_lrd_settings() -> None:
+def test_demo_and_the_shipped_synthetic_config_share_the_model_and_lrd_settings() -> None:
     from dataclasses import asdict
 
-    from lrd_dist.cli import DEMO_LRD
+    from lrd_dist.cli import DEMO_MODEL
     from lrd_dist.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     shipped = asdict(load_config(root / "configs" / "synth" / "kda_lrd.yaml"))
-    demo = asdict(load_config(None, ["model.latent_relations=4", *DEMO_LRD]))
-    assert shipped["lrd"] == demo["lrd"]
+    demo = asdict(load_config(None, list(DEMO_MODEL)))
+    assert shipped["lrd"] == demo["lrd"] and shipped["model"] == demo["model"]
     assert shipped["lrd"]["decoder_text"] and shipped["lrd"]["pair_features"] == "absdiff"
 
 
