@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--config", type=Path, default=Path("configs/office/kda_lrd.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_speed.json"))
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/train_speed_MODEL.json")
     args = parser.parse_args()
     from lrd_dist.data.catalog import Catalog
     from lrd_dist.data.format import CATALOG, Manifest
@@ -154,8 +154,9 @@ def main() -> None:
             epoch_speedup_bound=official[0] / report["epoch_seconds_bound"],
             eval_speedup_bound=official[1] / report["dev_eval_seconds_bound"],
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    out = args.out or Path(f"benchmarks/results/train_speed_{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'':<16}{'ours':>8}{'official':>10}{'speedup':>9}{'bound':>8}{'max speedup':>13}")
     if official:
         for label, ours, theirs, bound in (
