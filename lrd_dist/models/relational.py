@@ -35,16 +35,19 @@ class RelationInteraction(nn.Module):
         self.norm = nn.LayerNorm(emb_size)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V]
-        # One GEMM for q, k and v (the weights stay three modules, as in the official checkpoints).
-        qkv_weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V] -> [N, heads, R, V / heads]
         n, r, v = x.shape
+        return x.view(n, r, self.num_heads, v // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V]
+        # q, k, v stay three module calls (not one GEMM on concatenated weights): under ZeRO-3 a
+        # module's weights are gathered only when that module runs.
         for _ in range(self.num_layers):
-            q, k, vv = F.linear(x, qkv_weight).view(n, r, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
             # Plain matmul-softmax-matmul: over R (about 13) slots it is about 1.8x faster on a CPU
             # than F.scaled_dot_product_attention's flash kernel, and computes the same.
             weights = (q @ k.transpose(-1, -2) * self.scale).softmax(-1)
-            attended = (weights @ vv).transpose(1, 2).reshape(n, r, v)
+            attended = (weights @ v).transpose(1, 2).reshape(x.shape)
             x = self.norm(x + self.dropout(self.output(F.relu(self.hidden(attended)))))
         return x
 

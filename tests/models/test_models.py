@@ -271,8 +271,8 @@ def test_decoder_text_gives_the_decoder_items_a_trained_view_of_their_text() -> 
     assert losses[True] != pytest.approx(losses[False])
 
 
-def test_relation_interaction_matches_separate_multi_head_attention() -> None:
-    """The fused q/k/v GEMM must compute the official block: per-head attention with separate
+def test_relation_interaction_matches_reference_multi_head_attention() -> None:
+    """The interaction must compute the official block: per-head attention with separate
     bias-free q, k, v projections, ReLU MLP, residual and LayerNorm, weights shared by the layers."""
     from lrd_dist.models.relational import RelationInteraction
 
