@@ -57,3 +57,14 @@ def test_verify_reports_counts_and_refuses_a_damaged_shard(
 def test_prepare_requires_the_source_specific_options(tmp_path: Path, capsys) -> None:
     assert main(["prepare", "--source", "amazon", "--out", str(tmp_path / "o")]) == 2
     assert "--reviews is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_shipped_config_passes_validation(config: Path) -> None:
+    """A shipped config that contradicts itself (e.g. leave_one_latent with latent-only slots) fails here."""
+    from lrd_dist.config import load_config
+
+    loaded = load_config(config)
+    assert loaded.train.out_dir and loaded.data.batch_size > 0
