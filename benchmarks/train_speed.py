@@ -121,10 +121,10 @@ def main() -> None:
     eval_flops = eval_batches * interaction_flops(eval_rows, slots, size, layers)
     train_gemm = gemm_flops_per_s(train_rows * slots, size)
     # evaluation scores candidates in blocks of about BLOCK_ROWS rows (RelationalRecommender.forward)
-    block_rows = config.data.eval_batch_size * max(
-        1, RelationalRecommender.BLOCK_ROWS // config.data.eval_batch_size
+    eval_block = config.data.eval_batch_size * min(
+        candidates, RelationalRecommender.candidates_per_block(config.data.eval_batch_size)
     )
-    eval_gemm = gemm_flops_per_s(min(eval_rows, block_rows) * slots, size)
+    eval_gemm = gemm_flops_per_s(eval_block * slots, size)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     name = f"{config.model.name}{'_lrd' if config.lrd.enabled else ''}"
     official = OFFICIAL.get(name)

@@ -256,7 +256,7 @@ def _relations(args: argparse.Namespace) -> None:
 # Model and LRD settings of the demo (configs/synth/kda_lrd.yaml holds the same; a test keeps them
 # equal): beyond the official objective, the LRD ones make relations discoverable (README, "Relation
 # discovery"); emb 64 keeps the discovery stable across seeds (NMI >= 0.8 for seeds 0-2, 32: 0.78-1.0).
-DEMO_MODEL = (
+DEMO_SETTINGS = (
     "model.name=kda",
     "model.emb_size=64",
     "model.num_layers=2",
@@ -302,7 +302,7 @@ def _demo(args: argparse.Namespace) -> None:
         [
             f"data.dir={data}",
             f"train.out_dir={args.out / 'kda_lrd'}",
-            *DEMO_MODEL,
+            *DEMO_SETTINGS,
             f"train.epochs={args.epochs}",
             "train.lr=3e-3",
             "train.patience=3",

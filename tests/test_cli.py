@@ -26,12 +26,12 @@ def test_demo_trains_kda_lrd_on_the_embedded_default(tmp_path: Path, capsys) -> 
 def test_demo_and_the_shipped_synthetic_config_share_the_model_and_lrd_settings() -> None:
     from dataclasses import asdict
 
-    from lrd_dist.cli import DEMO_MODEL
+    from lrd_dist.cli import DEMO_SETTINGS
     from lrd_dist.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     shipped = asdict(load_config(root / "configs" / "synth" / "kda_lrd.yaml"))
-    demo = asdict(load_config(None, list(DEMO_MODEL)))
+    demo = asdict(load_config(None, list(DEMO_SETTINGS)))
     assert shipped["lrd"] == demo["lrd"] and shipped["model"] == demo["model"]
     assert shipped["lrd"]["decoder_text"] and shipped["lrd"]["pair_features"] == "absdiff"
 

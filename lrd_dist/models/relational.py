@@ -122,7 +122,7 @@ class RelationalRecommender(nn.Module):
         # Candidates in blocks of about BLOCK_ROWS (user, candidate) rows: the per-candidate tensors
         # [rows, R, V] then stay in cache through the interaction's layers. Scoring 100 candidates
         # per user at once is memory-bound and about twice as slow on a CPU; results are identical.
-        block = max(1, self.BLOCK_ROWS // len(user))
+        block = self.candidates_per_block(len(user))
         return torch.cat(
             [
                 self._score_block(history, valid, decay, user_vector, chunk)
@@ -130,6 +130,10 @@ class RelationalRecommender(nn.Module):
             ],
             dim=1,
         )
+
+    @classmethod
+    def candidates_per_block(cls, batch_size: int) -> int:
+        return max(1, cls.BLOCK_ROWS // batch_size)
 
     def _score_block(
         self,
