@@ -124,6 +124,7 @@ class EvalConfig:
     ties: str = "pessimistic"  # pessimistic | legacy (official argsort behaviour)
     full_ranking: bool = False
     enabled: bool = True  # false: no dev/test evaluation (throughput benchmarks); no best weights
+    compile: bool = False  # torch.compile the relation interaction for scoring (not under ZeRO-3)
 
 
 @dataclass

@@ -12,16 +12,24 @@ Shapes: B batch, C candidates, H history, R relation slots, V embedding size.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 
 class RelationInteraction(nn.Module):
     """x <- LayerNorm(x + Dropout(W2 ReLU(W1 MHA(x)))), applied ``num_layers`` times with one set of
-    weights; MHA has bias-free q/k/v and no output projection (official)."""
+    weights; MHA has bias-free q/k/v and no output projection (official).
+
+    Tokens are slot-major, [R, N, V]: the rows of one head of all N candidates are then one strided
+    batch of [R, V / heads] matrices (batch stride V / heads), so q, k and v are used as the
+    projections write them, with no transposed copies; 10-20% faster on a CPU, same arithmetic.
+    """
 
     def __init__(self, emb_size: int, num_heads: int, num_layers: int, dropout: float) -> None:
         super().__init__()
@@ -34,20 +42,40 @@ class RelationInteraction(nn.Module):
         self.output = nn.Linear(emb_size, emb_size)
         self.norm = nn.LayerNorm(emb_size)
         self.dropout = nn.Dropout(dropout)
+        self._compiled_layers = None  # see compile_inference
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V] -> [N, heads, R, V / heads]
-        n, r, v = x.shape
-        return x.view(n, r, self.num_heads, v // self.num_heads).transpose(1, 2)
+    def compile_inference(self) -> None:
+        """Score without gradients (evaluation) through ``torch.compile``: it fuses the elementwise
+        work between the small GEMMs (1.5x on a CPU). Training stays eager: compiled forward and
+        backward measured slower there."""
+        self._compiled_layers = torch.compile(self._layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [R, N, V] -> [R, N, V]
+        if self._compiled_layers is not None and not torch.is_grad_enabled():
+            try:
+                return self._compiled_layers(x)
+            except Exception as error:  # e.g. no C++ compiler for inductor's CPU code; a real
+                # error in the model reappears in the eager call below
+                log.warning("torch.compile failed (%s); scoring eagerly from now on", error)
+                self._compiled_layers = None
+        return self._layers(x)
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        slots, rows, size = x.shape
+        head_size = size // self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [R, N, V] -> [N * heads, R, V / heads], a view
+            return t.view(slots, rows * self.num_heads, head_size).transpose(0, 1)
+
         # q, k, v stay three module calls (not one GEMM on concatenated weights): under ZeRO-3 a
         # module's weights are gathered only when that module runs.
         for _ in range(self.num_layers):
-            q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+            q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
             # Plain matmul-softmax-matmul: over R (about 13) slots it is about 1.8x faster on a CPU
             # than F.scaled_dot_product_attention's flash kernel, and computes the same.
-            weights = (q @ k.transpose(-1, -2) * self.scale).softmax(-1)
-            attended = (weights @ v).transpose(1, 2).reshape(x.shape)
+            weights = (q @ k.transpose(1, 2) * self.scale).softmax(-1)
+            attended = (weights @ v).view(rows, self.num_heads, slots, head_size)
+            attended = attended.permute(2, 0, 1, 3).reshape(slots, rows, size)
             x = self.norm(x + self.dropout(self.output(F.relu(self.hidden(attended)))))
         return x
 
@@ -151,10 +179,10 @@ class RelationalRecommender(nn.Module):
         attention = logits.softmax(dim=2) * valid[:, None, :, None]
         if decay is not None:
             attention = attention * decay[:, None]
-        context = torch.einsum("bchr,bhv->bcrv", attention, history)
-        batch, count, relations, size = context.shape
+        context = torch.einsum("bchr,bhv->rbcv", attention, history)  # slot-major for the interaction
+        relations, batch, count, size = context.shape
         pooled = (
-            self.interaction(context.reshape(batch * count, relations, size)).mean(1).view(batch, count, size)
+            self.interaction(context.reshape(relations, batch * count, size)).mean(0).view(batch, count, size)
         )
         return ((user_vector + pooled) * items).sum(-1) + self.item_bias(candidates).squeeze(-1)
 

@@ -291,7 +291,29 @@ def test_relation_interaction_matches_reference_multi_head_attention() -> None:
         weights = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)  # scale 1/sqrt(head size 4)
         attended = (weights @ v).transpose(1, 2).reshape(5, 7, 16)
         expected = block.norm(expected + block.output(torch.relu(block.hidden(attended))))
-    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    # the block takes slot-major tokens [R, N, V]
+    torch.testing.assert_close(block(x.transpose(0, 1)).transpose(0, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_interaction_scores_like_eager_and_training_stays_eager() -> None:
+    from lrd_dist.models.relational import RelationInteraction
+
+    torch.manual_seed(0)
+    block = RelationInteraction(emb_size=16, num_heads=4, num_layers=2, dropout=0.0).eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, 0.0, 0.3)
+    x = torch.randn(7, 5, 16)
+    eager = block(x)
+    block.compile_inference()
+    calls = []
+    compiled = block._compiled_layers
+    block._compiled_layers = lambda t: calls.append(len(t)) or compiled(t)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block(x[:, :3]), eager[:, :3], rtol=1e-5, atol=1e-5)  # another shape
+    assert calls == [7, 7]
+    with_grad = block(x.requires_grad_())  # a training call: eager, differentiable
+    assert calls == [7, 7] and with_grad.requires_grad
 
 
 @pytest.mark.parametrize("temporal", [False, True])

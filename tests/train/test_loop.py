@@ -65,6 +65,28 @@ def test_early_stopping_keeps_the_best_epoch(synth_with_embeddings: Path, tmp_pa
     assert results["epochs_run"] < 30
 
 
+def test_compiled_scoring_gives_the_metrics_of_eager_scoring(
+    synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    results = {}
+    for compiled in (False, True):
+        config = load_config(
+            CONFIGS / "synth" / "kda_lrd.yaml",
+            _overrides(
+                synth_with_embeddings,
+                tmp_path / str(compiled),
+                "train.epochs=1",
+                "model.latent_relations=2",
+                f"eval.compile={str(compiled).lower()}",
+            ),
+        )
+        results[compiled] = train(config)
+    for split in ("dev", "test"):
+        assert results[True][split]["NDCG@10"] == pytest.approx(results[False][split]["NDCG@10"], abs=1e-6)
+        assert results[True][split]["HR@5"] == pytest.approx(results[False][split]["HR@5"], abs=1e-6)
+    assert results[True]["test"]["NDCG@10"] > 0  # scored something
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no_such_key"):
         load_config(None, ["train.no_such_key=1"])
