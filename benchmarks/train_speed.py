@@ -73,8 +73,8 @@ def main() -> None:
     catalog = Catalog.read(args.data / CATALOG)
     graph = KnowledgeGraph(catalog, latent=config.model.latent_relations)
     model = build_model(config, manifest.num_users, graph, build_item_text(config, catalog))
-    if config.eval.compile and isinstance(model.backbone, RelationalRecommender):
-        model.backbone.interaction.compile_inference()  # as the trainer does
+    if config.eval.compile:
+        model.compile_scoring()  # as the trainer does
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     gamma = graph.num_triples / manifest.num_interactions
     import numpy as np

@@ -37,6 +37,11 @@ class Recommender(nn.Module):
     def relational(self) -> bool:
         return isinstance(self.backbone, RelationalRecommender)
 
+    def compile_scoring(self) -> None:
+        """``score`` without gradients through torch.compile where it pays (the relation interaction)."""
+        if self.relational:
+            self.backbone.interaction.compile_inference()
+
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.backbone(
             user=batch["user"],

@@ -89,6 +89,8 @@ def evaluate_weights(
             f"does not fit the model of {config_path} ({', '.join(misfit)})",
             "evaluate with the config the weights were trained with",
         )
+    if config.eval.compile:
+        model.compile_scoring()
     results = {}
     for split in splits:
         loader = LoaderConfig(

@@ -169,11 +169,11 @@ def train(config: RunConfig) -> dict:
     zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     if live_encoder and zero3:
         core.item_text.lockstep = True
-    if config.eval.compile and relational:
+    if config.eval.compile:
         if zero3:  # parameters are re-gathered on every call there, which compiled graphs do not follow
             log.warning("eval.compile is ignored under ZeRO-3; scoring runs eagerly")
         else:
-            core.backbone.interaction.compile_inference()
+            core.compile_scoring()
     gamma = graph.num_triples / manifest.num_interactions if config.kg.gamma < 0 else config.kg.gamma
     use_kg = relational and gamma > 0 and graph.num_triples > 0
     predecessors = None
