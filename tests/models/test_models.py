@@ -271,28 +271,37 @@ def test_decoder_text_gives_the_decoder_items_a_trained_view_of_their_text() -> 
     assert losses[True] != pytest.approx(losses[False])
 
 
-def test_relation_interaction_matches_reference_multi_head_attention() -> None:
+@pytest.mark.parametrize("fused_attention", [True, False])
+def test_relation_interaction_matches_reference_multi_head_attention(fused_attention: bool) -> None:
     """The interaction must compute the official block: per-head attention with separate
-    bias-free q, k, v projections, ReLU MLP, residual and LayerNorm, weights shared by the layers."""
+    bias-free q, k, v projections, ReLU MLP, residual and LayerNorm, weights shared by the layers;
+    with the fused CPU kernel and with torch ops, values and gradients."""
     from lrd_dist.models.relational import RelationInteraction
 
     torch.manual_seed(0)
-    block = RelationInteraction(emb_size=16, num_heads=4, num_layers=3, dropout=0.0).eval()
+    block = RelationInteraction(16, num_heads=4, num_layers=3, dropout=0.0, fused_attention=fused_attention)
     for parameter in block.parameters():  # away from the tiny init so every term matters
         torch.nn.init.normal_(parameter, 0.0, 0.3)
-    x = torch.randn(5, 7, 16)
+    x = torch.randn(7, 5, 16, requires_grad=True)  # 7 candidate rows of 5 relation slots
 
     def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(5, 7, 4, 4).transpose(1, 2)
+        return t.view(7, 5, 4, 4).transpose(1, 2)
 
     expected = x
     for _ in range(3):
         q, k, v = heads(block.query(expected)), heads(block.key(expected)), heads(block.value(expected))
         weights = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)  # scale 1/sqrt(head size 4)
-        attended = (weights @ v).transpose(1, 2).reshape(5, 7, 16)
+        attended = (weights @ v).transpose(1, 2).reshape(7, 5, 16)
         expected = block.norm(expected + block.output(torch.relu(block.hidden(attended))))
-    # the block takes slot-major tokens [R, N, V]
-    torch.testing.assert_close(block(x.transpose(0, 1)).transpose(0, 1), expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(7, 5, 16)
+    expected_grads = torch.autograd.grad(expected, [x, block.query.weight], upstream)
+    out = block(x)
+    assert block._use_kernel == fused_attention  # the kernel is built on this machine
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(
+        torch.autograd.grad(out, [x, block.query.weight], upstream), expected_grads, strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_interaction_scores_like_eager_and_training_stays_eager() -> None:
@@ -302,7 +311,7 @@ def test_compiled_interaction_scores_like_eager_and_training_stays_eager() -> No
     block = RelationInteraction(emb_size=16, num_heads=4, num_layers=2, dropout=0.0).eval()
     for parameter in block.parameters():
         torch.nn.init.normal_(parameter, 0.0, 0.3)
-    x = torch.randn(7, 5, 16)
+    x = torch.randn(5, 7, 16)
     eager = block(x)
     block.compile_inference()
     calls = []
@@ -310,10 +319,10 @@ def test_compiled_interaction_scores_like_eager_and_training_stays_eager() -> No
     block._compiled_layers = lambda t: calls.append(len(t)) or compiled(t)
     with torch.inference_mode():
         torch.testing.assert_close(block(x), eager, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(block(x[:, :3]), eager[:, :3], rtol=1e-5, atol=1e-5)  # another shape
-    assert calls == [7, 7]
+        torch.testing.assert_close(block(x[:3]), eager[:3], rtol=1e-5, atol=1e-5)  # another shape
+    assert calls == [5, 3]
     with_grad = block(x.requires_grad_())  # a training call: eager, differentiable
-    assert calls == [7, 7] and with_grad.requires_grad
+    assert calls == [5, 3] and with_grad.requires_grad
 
 
 @pytest.mark.parametrize("temporal", [False, True])
