@@ -38,9 +38,9 @@ class Recommender(nn.Module):
         return isinstance(self.backbone, RelationalRecommender)
 
     def compile_scoring(self) -> None:
-        """``score`` without gradients through torch.compile where it pays (the relation interaction)."""
+        """``score`` without gradients through torch.compile where it pays (RCF and KDA)."""
         if self.relational:
-            self.backbone.interaction.compile_inference()
+            self.backbone.compile_inference()
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.backbone(

@@ -49,27 +49,16 @@ class RelationInteraction(nn.Module):
         self.norm = nn.LayerNorm(emb_size)
         self.dropout = nn.Dropout(dropout)
         self.fused_attention = fused_attention
-        self._use_kernel = False  # decided per call in forward, outside any compiled region
-        self._compiled_layers = None  # see compile_inference
+        self._use_kernel: bool | None = None  # see select_attention
 
-    def compile_inference(self) -> None:
-        """Score without gradients (evaluation) through ``torch.compile``: it fuses the elementwise
-        work between the small GEMMs. Training stays eager: compiled forward and backward measured
-        slower there."""
-        self._compiled_layers = torch.compile(self._layers)
+    def select_attention(self, device: torch.device) -> None:
+        """Decide, eagerly (it may build the kernel; not inside a compiled region), whether the
+        fused kernel computes the attention on ``device``."""
+        self._use_kernel = self.fused_attention and device.type == "cpu" and slot_attention.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V] -> [N, R, V]
-        self._use_kernel = self.fused_attention and x.device.type == "cpu" and slot_attention.available()
-        if self._compiled_layers is not None and not torch.is_grad_enabled():
-            try:
-                return self._compiled_layers(x)
-            except Exception as error:  # e.g. no C++ compiler for inductor's CPU code; a real
-                # error in the model reappears in the eager call below
-                log.warning("torch.compile failed (%s); scoring eagerly from now on", error)
-                self._compiled_layers = None
-        return self._layers(x)
-
-    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel is None:
+            self.select_attention(x.device)
         # q, k, v stay three module calls (not one GEMM on concatenated weights): under ZeRO-3 a
         # module's weights are gathered only when that module runs.
         for _ in range(self.num_layers):
@@ -134,6 +123,7 @@ class RelationalRecommender(nn.Module):
         self.register_buffer("value_entity", value_entity.long(), persistent=False)
         self.apply(_init_weights)
         self.kernel = TemporalKernel(num_relations, n_dft, t_scalar) if temporal else None
+        self._compiled_block = None  # see compile_inference
 
     def forward(
         self,
@@ -155,13 +145,27 @@ class RelationalRecommender(nn.Module):
         # per user at once is memory-bound and about twice as slow on a CPU (512 measured 1.1-1.3x
         # faster than 1024 or 2048 with the fused attention kernel); results are identical.
         block = self.candidates_per_block(len(user))
-        return torch.cat(
-            [
-                self._score_block(history, valid, decay, user_vector, chunk)
-                for chunk in candidates.split(block, dim=1)
-            ],
-            dim=1,
-        )
+        self.interaction.select_attention(history.device)
+
+        def scores(score_block) -> torch.Tensor:
+            chunks = candidates.split(block, dim=1)
+            return torch.cat([score_block(history, valid, decay, user_vector, c) for c in chunks], dim=1)
+
+        if self._compiled_block is not None and not torch.is_grad_enabled():
+            try:
+                return scores(self._compiled_block)
+            except Exception as error:  # e.g. no C++ compiler for inductor's CPU code; a real
+                # error in the model reappears in the eager call below
+                log.warning("torch.compile failed (%s); scoring eagerly from now on", error)
+                self._compiled_block = None
+        return scores(self._score_block)
+
+    def compile_inference(self) -> None:
+        """Score without gradients (evaluation) through ``torch.compile``, one graph per candidate
+        block: it fuses the history attention and the elementwise work between the interaction's
+        small GEMMs (1.1x faster evaluation than compiling the interaction alone). Training stays
+        eager: compiled forward and backward measured slower on a CPU."""
+        self._compiled_block = torch.compile(self._score_block)
 
     @classmethod
     def candidates_per_block(cls, batch_size: int) -> int:

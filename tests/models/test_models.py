@@ -296,7 +296,7 @@ def test_relation_interaction_matches_reference_multi_head_attention(fused_atten
     upstream = torch.randn(7, 5, 16)
     expected_grads = torch.autograd.grad(expected, [x, block.query.weight], upstream)
     out = block(x)
-    assert block._use_kernel == fused_attention  # the kernel is built on this machine
+    assert block._use_kernel is fused_attention  # the kernel is built on this machine
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(
         torch.autograd.grad(out, [x, block.query.weight], upstream), expected_grads, strict=True
@@ -304,25 +304,28 @@ def test_relation_interaction_matches_reference_multi_head_attention(fused_atten
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_interaction_scores_like_eager_and_training_stays_eager() -> None:
-    from lrd_dist.models.relational import RelationInteraction
-
-    torch.manual_seed(0)
-    block = RelationInteraction(emb_size=16, num_heads=4, num_layers=2, dropout=0.0).eval()
-    for parameter in block.parameters():
+@pytest.mark.parametrize("temporal", [False, True])
+def test_compiled_scoring_scores_like_eager_and_training_stays_eager(temporal: bool) -> None:
+    model = _relational(temporal).eval()
+    for parameter in model.parameters():  # away from the tiny init so every term matters
         torch.nn.init.normal_(parameter, 0.0, 0.3)
-    x = torch.randn(5, 7, 16)
-    eager = block(x)
-    block.compile_inference()
+    batch = _batch()
+    arguments = {
+        k: batch[k] for k in ("user", "history_items", "history_times", "history_length", "target_time")
+    }
+    candidates = torch.randint(1, 31, (4, 9), generator=torch.Generator().manual_seed(1))
+    eager = model(**arguments, candidates=candidates)
+    model.compile_inference()
     calls = []
-    compiled = block._compiled_layers
-    block._compiled_layers = lambda t: calls.append(len(t)) or compiled(t)
+    compiled = model._compiled_block
+    model._compiled_block = lambda *a: calls.append(a[-1].shape) or compiled(*a)
     with torch.inference_mode():
-        torch.testing.assert_close(block(x), eager, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(block(x[:3]), eager[:3], rtol=1e-5, atol=1e-5)  # another shape
-    assert calls == [5, 3]
-    with_grad = block(x.requires_grad_())  # a training call: eager, differentiable
-    assert calls == [5, 3] and with_grad.requires_grad
+        torch.testing.assert_close(model(**arguments, candidates=candidates), eager, rtol=1e-5, atol=1e-5)
+        fewer = model(**arguments, candidates=candidates[:, :2])  # another shape
+        torch.testing.assert_close(fewer, eager[:, :2], rtol=1e-5, atol=1e-5)
+    assert calls == [(4, 9), (4, 2)]
+    with_grad = model(**arguments, candidates=candidates)  # a training call: eager, differentiable
+    assert len(calls) == 2 and with_grad.requires_grad
 
 
 @pytest.mark.parametrize("temporal", [False, True])
