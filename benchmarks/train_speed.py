@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--config", type=Path, default=Path("configs/office/kda_lrd.yaml"))
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/train_speed_MODEL.json")
+    parser.add_argument(
+        "--compare-steps", type=int, default=20, help="training steps timed with and without the fused kernel"
+    )
     args = parser.parse_args()
     from lrd_dist.data.catalog import Catalog
     from lrd_dist.data.format import CATALOG, Manifest
@@ -85,22 +88,33 @@ def main() -> None:
         "train",
         LoaderConfig(batch_size=config.data.batch_size, max_history=config.data.max_history),
     )
-    started = time.perf_counter()
-    samples = steps = 0
-    for batch in make_loader(train):
-        steps += 1
+
+    def draw(batch: dict) -> tuple:
         negatives = draw_uniform_negatives(batch, (len(batch["user"]),), manifest.num_items, generator)
         lrd_negatives = (
             draw_uniform_negatives(batch, tuple(batch["history_items"].shape), manifest.num_items, generator)
             if config.lrd.enabled
             else None
         )
-        losses = model(batch, negatives, lrd_negatives, graph.sample(len(batch["user"]), rng))
+        return negatives, lrd_negatives, graph.sample(len(batch["user"]), rng)
+
+    def train_step(batch: dict, inputs: tuple) -> None:
+        losses = model(batch, *inputs)
         total = losses["rec"] + gamma * losses["kg"] + config.lrd.weight * losses.get("lrd", 0.0)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
+
+    started = time.perf_counter()
+    samples = steps = 0
+    kept = []  # a few batches for the side-by-side comparison below
+    for batch in make_loader(train):
+        steps += 1
+        inputs = draw(batch)
+        train_step(batch, inputs)
         samples += int(batch["valid"].sum())
+        if len(kept) < args.compare_steps:
+            kept.append((batch, inputs))
     epoch_seconds = time.perf_counter() - started
     dev = SequenceStream(
         args.data,
@@ -117,6 +131,34 @@ def main() -> None:
         metrics = evaluate(model, make_loader(dev), [10], "pessimistic")
         eval_times.append(time.perf_counter() - started)
     first_eval_seconds, eval_seconds = eval_times[0], min(eval_times[1:])
+
+    # The fused attention kernel against torch ops, side by side: the same training steps in
+    # alternating rounds (faster round of each), and a steady dev evaluation each.
+    interaction = model.backbone.interaction if model.relational else None
+    attention = {}
+    if interaction is not None and interaction.fused_attention and args.compare_steps:
+        step_times = {True: float("inf"), False: float("inf")}
+        for _ in range(3):
+            for fused in (True, False):
+                interaction.fused_attention = fused
+                started = time.perf_counter()
+                for batch, inputs in kept:
+                    train_step(batch, inputs)
+                step_times[fused] = min(step_times[fused], (time.perf_counter() - started) / len(kept))
+        interaction.fused_attention = False
+        torch_eval = []
+        for _ in range(2):  # the first pays for compiling the torch-ops graph
+            started = time.perf_counter()
+            evaluate(model, make_loader(dev), [10], "pessimistic")
+            torch_eval.append(time.perf_counter() - started)
+        interaction.fused_attention = True
+        attention = {
+            "train_step_seconds_fused": step_times[True],
+            "train_step_seconds_torch": step_times[False],
+            "train_step_speedup_fused": step_times[False] / step_times[True],
+            "dev_eval_seconds_torch": torch_eval[-1],
+            "dev_eval_speedup_fused": torch_eval[-1] / eval_seconds,
+        }
     eval_batches = -(-int(metrics["examples"]) // config.data.eval_batch_size)
 
     # Compute bound: interaction FLOPs at the GEMM throughput measured now (training: forward +
@@ -152,6 +194,7 @@ def main() -> None:
         "gemm_gflop_per_s_eval_shape": eval_gemm / 1e9,
         "epoch_seconds_bound": train_flops / train_gemm,
         "dev_eval_seconds_bound": eval_flops / eval_gemm,
+        **attention,
     }
     if official:
         report.update(
@@ -177,6 +220,13 @@ def main() -> None:
         print(f"{'peak RSS (GiB)':<16}{rss:>8.2f}{official[2]:>10.1f}")
     compiled = " (includes torch.compile)" if config.eval.compile else ""
     print(f"first dev eval of a run: {first_eval_seconds:.1f} s{compiled}")
+    if attention:
+        fused, plain = attention["train_step_seconds_fused"], attention["train_step_seconds_torch"]
+        print(
+            f"fused attention kernel vs torch ops: training step {fused:.3f} vs {plain:.3f} s"
+            f" ({plain / fused:.2f}x), dev eval {eval_seconds:.1f} vs"
+            f" {attention['dev_eval_seconds_torch']:.1f} s ({attention['dev_eval_speedup_fused']:.2f}x)"
+        )
     print(
         f"train samples/s: {report['train_samples_per_s']:,.0f}; GEMM GFLOP/s measured: "
         f"{train_gemm / 1e9:.0f} (training shape), {eval_gemm / 1e9:.0f} (evaluation shape)"

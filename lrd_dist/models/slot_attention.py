@@ -98,11 +98,15 @@ slot_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def reference_slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """The same in torch ops (other devices, or where the kernel cannot be built). The scores are
-    formed transposed, [key slot, query slot], and normalised over dim 1: torch's CPU softmax over a
-    last dim of 13 runs a scalar loop, about 15x slower than over a middle dim."""
+    """The same in torch ops (other devices, or where the kernel cannot be built)."""
     rows, slots, size = q.shape
-    split = [t.view(rows, slots, heads, size // heads).transpose(1, 2) for t in (q, k, v)]
-    scores_t = split[1] @ split[0].transpose(-1, -2) * (size // heads) ** -0.5  # [N, heads, R_k, R_q]
-    weights = scores_t.softmax(-2).transpose(-1, -2)
-    return (weights @ split[2]).transpose(1, 2).reshape(rows, slots, size)
+    q, k, v = (t.view(rows, slots, heads, size // heads).transpose(1, 2) for t in (q, k, v))
+    scale = (size // heads) ** -0.5
+    if torch.compiler.is_compiling():  # inductor writes its own vectorised softmax
+        weights = (q @ k.transpose(-1, -2) * scale).softmax(-1)
+    else:
+        # Eager torch's CPU softmax over a last dim of 13 runs a scalar loop, about 15x slower
+        # than over a middle dim: the scores are formed transposed, [key slot, query slot], and
+        # normalised over dim -2 (inductor does much worse with that form, hence two).
+        weights = (k @ q.transpose(-1, -2) * scale).softmax(-2).transpose(-1, -2)
+    return (weights @ v).transpose(1, 2).reshape(rows, slots, size)

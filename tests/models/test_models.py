@@ -28,7 +28,9 @@ def _batch(rows: int = 4, history: int = 6, items: int = 30) -> dict[str, torch.
     }
 
 
-def _relational(temporal: bool, relations: int = 4, items: int = 30) -> RelationalRecommender:
+def _relational(
+    temporal: bool, relations: int = 4, items: int = 30, fused_attention: bool = True
+) -> RelationalRecommender:
     torch.manual_seed(0)
     value_entity = torch.zeros(items + 1, relations, dtype=torch.long)
     value_entity[1:, 2] = torch.randint(items + 1, items + 4, (items,))  # one attribute slot
@@ -41,6 +43,7 @@ def _relational(temporal: bool, relations: int = 4, items: int = 30) -> Relation
         num_layers=2,
         num_heads=2,
         temporal=temporal,
+        fused_attention=fused_attention,
     )
 
 
@@ -304,9 +307,9 @@ def test_relation_interaction_matches_reference_multi_head_attention(fused_atten
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("temporal", [False, True])
-def test_compiled_scoring_scores_like_eager_and_training_stays_eager(temporal: bool) -> None:
-    model = _relational(temporal).eval()
+@pytest.mark.parametrize(("temporal", "fused_attention"), [(False, True), (True, True), (True, False)])
+def test_compiled_scoring_scores_like_eager_and_training_stays_eager(temporal, fused_attention) -> None:
+    model = _relational(temporal, fused_attention=fused_attention).eval()
     for parameter in model.parameters():  # away from the tiny init so every term matters
         torch.nn.init.normal_(parameter, 0.0, 0.3)
     batch = _batch()
