@@ -60,7 +60,7 @@ def available() -> bool:
 def slot_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float
 ) -> torch.Tensor:
-    """softmax(scale * q_h k_h^T) v_h for every row and head; q, k, v slot-major [R, N, V] on the
+    """softmax(scale * q_h k_h^T) v_h for every row and head; q, k, v token-major [N, R, V] on the
     CPU (contiguous), output the same."""
     return _extension().forward(q.contiguous(), k.contiguous(), v.contiguous(), heads, scale)
 

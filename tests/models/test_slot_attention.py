@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +84,26 @@ def test_bad_input_is_refused_with_the_reason() -> None:
         sa.slot_attention(q, q, q, 5, 1.0)
     with pytest.raises(RuntimeError, match="match q"):
         sa.slot_attention(q, q[:1], q, 4, 1.0)
+
+
+def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, caplog) -> None:
+    """No compiler (or ninja, or a writable cache): a warning naming the cause, then torch ops
+    that compute the same."""
+    from lrd_dist.models.relational import RelationInteraction
+
+    def broken():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(sa, "_extension", broken)
+    monkeypatch.setattr(sa, "available", functools.cache(sa.available.__wrapped__))
+    torch.manual_seed(0)
+    block = RelationInteraction(16, num_heads=4, num_layers=2, dropout=0.0)
+    x = torch.randn(3, 5, 16)
+    with caplog.at_level("WARNING"):
+        out = block(x)
+    assert block._use_kernel is False
+    assert "fused slot attention unavailable (Ninja is required" in caplog.text
+    monkeypatch.undo()
+    block.select_attention(x.device)
+    assert block._use_kernel is True
+    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-6)
