@@ -39,9 +39,7 @@ class ModelConfig:
     leave_one_latent: bool = False  # drop the virtual relation from the LRD decoder (official KDA+LRD)
     t_scalar: float = 60.0  # KDA: time unit of the interval normalisation, seconds
     n_dft: int = 64  # KDA: Fourier resolution of the temporal kernel
-    fused_attention: bool = (
-        True  # CPU: attention across relation slots as one C++ kernel (built on first use)
-    )
+    fused_attention: bool = True  # CPU: attention across relation slots in one C++ kernel
 
 
 @dataclass

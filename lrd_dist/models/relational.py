@@ -66,7 +66,7 @@ class RelationInteraction(nn.Module):
             if self._use_kernel and q.dtype in (torch.float32, torch.float64):  # (not under bf16 autocast)
                 attended = slot_attention.slot_attention(q, k, v, self.num_heads, self.scale)
             else:
-                attended = slot_attention.reference_slot_attention(q, k, v, self.num_heads)
+                attended = slot_attention.torch_slot_attention(q, k, v, self.num_heads)
             x = self.norm(x + self.dropout(self.output(F.relu(self.hidden(attended)))))
         return x
 

@@ -6,7 +6,7 @@ more time than the interaction's projections. The kernel does the whole attentio
 head in registers; the backward recomputes the weights. Same arithmetic up to float summation order.
 
 The extension is compiled by ``torch.utils.cpp_extension`` on first use (g++ and ninja; about a
-minute, then cached under ``TORCH_EXTENSIONS_DIR``), for the CPU capability torch reports, so a
+40 s, then cached under ``TORCH_EXTENSIONS_DIR``), for the CPU capability torch reports, so a
 cache shared by different machines never runs instructions a CPU lacks. Where it cannot be built,
 ``available()`` is False and callers use plain torch ops.
 """
@@ -97,7 +97,7 @@ def _backward(ctx, grad):
 slot_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def torch_slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """The same in torch ops (other devices, or where the kernel cannot be built)."""
     rows, slots, size = q.shape
     q, k, v = (t.view(rows, slots, heads, size // heads).transpose(1, 2) for t in (q, k, v))

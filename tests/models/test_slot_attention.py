@@ -40,7 +40,7 @@ def test_kernel_equals_torch_attention_values_and_gradients(shape, dtype) -> Non
     scale = (size // heads) ** -0.5
     for implementation in (
         lambda *t: sa.slot_attention(*t, heads, scale),
-        lambda *t: sa.reference_slot_attention(*t, heads),
+        lambda *t: sa.torch_slot_attention(*t, heads),
     ):
         out = implementation(q, k, v)
         expected = _sdpa(q, k, v, heads)

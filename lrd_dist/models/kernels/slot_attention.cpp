@@ -11,7 +11,6 @@
 #include <ATen/cpu/vec/vec.h>  // Vectorized<T>::exp (Sleef, inside libtorch) for the softmax
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 namespace {
@@ -28,8 +27,8 @@ class HeadBlock {
   using Vec = at::vec::Vectorized<T>;
   static constexpr int64_t W = Vec::size();
 
-  HeadBlock(int64_t slots, int64_t head_size, T scale)
-      : R(slots), D(head_size), P((slots + W - 1) / W * W), scale(scale),
+  HeadBlock(int64_t slots, int64_t head_size, int64_t stride, T scale)
+      : R(slots), D(head_size), P((slots + W - 1) / W * W), stride(stride), scale(scale),
         block_t(head_size * P, T(0)), weights_t(slots * P, T(0)), grad_t(slots * P, T(0)) {}
 
   // weights_t[j][i] = softmax_j(scale * <q_i, k_j>)
@@ -99,9 +98,8 @@ class HeadBlock {
     }
   }
 
-  const int64_t R, D, P;
+  const int64_t R, D, P, stride;
   const T scale;
-  int64_t stride = 0;
   std::vector<T> block_t, weights_t, grad_t;
 
  private:
@@ -144,8 +142,7 @@ template <typename T>
 void forward_kernel(const T* q, const T* k, const T* v, T* out, int64_t N, int64_t R, int64_t V,
                     int64_t heads, T scale) {
   at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    HeadBlock<T> block(R, V / heads, scale);
-    block.stride = V;
+    HeadBlock<T> block(R, V / heads, V, scale);
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t base = n * R * V + h * block.D;
@@ -160,8 +157,7 @@ template <typename T>
 void backward_kernel(const T* grad, const T* q, const T* k, const T* v, T* dq, T* dk, T* dv, int64_t N,
                      int64_t R, int64_t V, int64_t heads, T scale) {
   at::parallel_for(0, N, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    HeadBlock<T> block(R, V / heads, scale);
-    block.stride = V;
+    HeadBlock<T> block(R, V / heads, V, scale);
     const int64_t P = block.P;
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t h = 0; h < heads; ++h) {
@@ -213,6 +209,6 @@ std::vector<torch::Tensor> slot_attention_backward(torch::Tensor grad, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &slot_attention_forward, "slot attention forward, [R, N, V] slot-major");
+  m.def("forward", &slot_attention_forward, "slot attention forward: q, k, v [N, R, V] -> out [N, R, V]");
   m.def("backward", &slot_attention_backward, "slot attention backward: grad, q, k, v -> dq, dk, dv");
 }
