@@ -108,6 +108,13 @@ class TrainConfig:
     schedule: str = "constant"  # constant | linear | cosine, after warmup_steps of linear warmup
     warmup_steps: int = 0
     tracker: str = "tensorboard"  # tensorboard | wandb | none
+    # patience: stop after train.patience evaluations without improvement of eval.metric;
+    # official: LRD/ReChorus (ties count as improvement; stop after 20+ epochs when the last 5 dev
+    # values are non-increasing, or when the best is more than 20 epochs old)
+    early_stop: str = "patience"
+    # history: negatives avoid the target and the history window; official: every item of the user,
+    # dev and test included (what the authors' figures used; leaks those items into training)
+    negatives: str = "history"
 
 
 @dataclass
@@ -120,7 +127,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
     metric: str = "NDCG@10"  # model selection on dev
     ties: str = "pessimistic"  # pessimistic | legacy (official argsort behaviour)
     full_ranking: bool = False
@@ -197,6 +204,8 @@ def _validate(config: RunConfig, path: str | Path | None) -> None:
         "train.mixed_precision": (config.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.schedule": (config.train.schedule, ("constant", "linear", "cosine")),
         "train.tracker": (config.train.tracker, ("tensorboard", "wandb", "none")),
+        "train.early_stop": (config.train.early_stop, ("patience", "official")),
+        "train.negatives": (config.train.negatives, ("history", "official")),
         "llm.mode": (config.llm.mode, ("frozen", "lora", "full")),
         "llm.pooling": (config.llm.pooling, ("mean", "cls", "last")),
         "llm.autocast": (config.llm.autocast, ("no", "bf16", "fp16")),

@@ -1,4 +1,11 @@
-"""Scoring a split: the sampled protocol (ground truth against its stored negatives) or full ranking."""
+"""Scoring a split: the sampled protocol (ground truth against its stored negatives) or full ranking.
+
+Full ranking scores every item of the catalog in chunks of ``item_chunk`` items and keeps, per
+user, only the counts of items that beat or tie the ground truth, so memory is [batch, item_chunk]
+whatever the catalog size. Every item the user interacted with before the target is removed from
+the ranking: the history window of the sample and, given ``known`` (a ``UserItems`` index), the
+whole known history however long.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
-from lrd_dist.evaluation.metrics import RankingMetrics, ground_truth_rank, mask_seen
+from lrd_dist.data.user_items import UserItems
+from lrd_dist.evaluation.metrics import RankingMetrics, count_above, ground_truth_rank
 from lrd_dist.models.recommender import Recommender
 
 
@@ -20,6 +28,8 @@ def evaluate(
     num_items: int = 0,
     item_chunk: int = 512,
     gather=None,
+    known: UserItems | None = None,
+    split: str = "test",
 ) -> dict[str, float]:
     """HR/NDCG@k over the split; loader padding rows (``valid=False``) are not counted. Under
     several processes pass ``gather`` (accelerate's ``gather_object``): each rank scores its part
@@ -31,18 +41,7 @@ def evaluate(
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         if full_ranking:
-            all_items = torch.arange(num_items + 1, device=device)
-            scores = torch.cat(
-                [
-                    model.score(batch, all_items[start : start + item_chunk].expand(len(batch["user"]), -1))
-                    for start in range(0, num_items + 1, item_chunk)
-                ],
-                dim=1,
-            )
-            target = scores.gather(1, batch["target"][:, None])[:, 0]
-            scores = mask_seen(scores, batch["history_items"])
-            scores.scatter_(1, batch["target"][:, None], float("-inf"))  # not its own competitor
-            rank, tied = ground_truth_rank(target, scores, ties)
+            rank, tied = full_ranking_rank(model, batch, num_items, ties, item_chunk, known, split)
         else:
             candidates = torch.cat([batch["target"][:, None], batch["negatives"]], dim=1)
             scores = model.score(batch, candidates)
@@ -52,3 +51,50 @@ def evaluate(
     if gather is not None:
         metrics = metrics.gathered(gather)
     return metrics.compute()
+
+
+def full_ranking_rank(
+    model: Recommender,
+    batch: dict[str, torch.Tensor],
+    num_items: int,
+    ties: str,
+    item_chunk: int = 512,
+    known: UserItems | None = None,
+    split: str = "test",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of each row's ground truth among all items 1..num_items except the ones seen before it."""
+    target = batch["target"]
+    rows = len(target)
+    target_score = model.score(batch, target[:, None])[:, 0]
+    mask_rows, mask_items = seen_pairs(batch, known, split)
+    order = torch.argsort(mask_items, stable=True)
+    mask_rows, mask_items = mask_rows[order].to(target.device), mask_items[order].to(target.device)
+    above = torch.zeros(rows, dtype=torch.long, device=target.device)
+    equal = torch.zeros_like(above)
+    for start in range(1, num_items + 1, item_chunk):
+        stop = min(start + item_chunk, num_items + 1)
+        items = torch.arange(start, stop, device=target.device)
+        scores = model.score(batch, items.expand(rows, -1)).float()
+        lo, hi = torch.searchsorted(mask_items, torch.tensor([start, stop], device=target.device)).tolist()
+        scores[mask_rows[lo:hi], mask_items[lo:hi] - start] = float("-inf")
+        inside = ((target >= start) & (target < stop)).nonzero(as_tuple=True)[0]
+        scores[inside, target[inside] - start] = float("-inf")  # not its own competitor
+        chunk_above, chunk_equal = count_above(target_score, scores)
+        above += chunk_above
+        equal += chunk_equal
+    return 1 + above + (equal if ties == "pessimistic" else 0), equal > 0
+
+
+def seen_pairs(
+    batch: dict[str, torch.Tensor], known: UserItems | None, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) pairs to remove from each row's ranking: its history window, and with ``known``
+    everything its user had before the target."""
+    history = batch["history_items"].cpu()
+    positions = torch.arange(history.shape[1])
+    window = positions[None, :] < batch["history_length"].cpu()[:, None]
+    rows, columns = window.nonzero(as_tuple=True)
+    pairs = [(rows, history[rows, columns].long())]
+    if known is not None:
+        pairs.append(known.known_before(batch["user"], split, batch["target_time"]))
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])

@@ -33,14 +33,21 @@ def ground_truth_rank(
     """
     if ties not in TIE_RULES:
         raise ValueError(f"ties must be one of {TIE_RULES}, not {ties!r}")
+    above, equal = count_above(target_score, candidate_scores)
+    return 1 + above + (equal if ties == "pessimistic" else 0), equal > 0
+
+
+def count_above(
+    target_score: torch.Tensor, candidate_scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, how many candidates beat the ground truth (NaN counts as beating it, and a NaN
+    ground truth is beaten by every candidate) and how many tie with it: [B] int64 each. Counts
+    of several candidate chunks add up (full ranking)."""
     target = target_score.float()[:, None]
     candidates = candidate_scores.float()
-    target_nan = torch.isnan(target)
-    beats = (candidates > target) | torch.isnan(candidates) | target_nan
+    beats = (candidates > target) | torch.isnan(candidates) | torch.isnan(target)
     equal = (candidates == target) & ~beats
-    tied = equal.any(dim=1)
-    above = beats.sum(dim=1) + (equal.sum(dim=1) if ties == "pessimistic" else 0)
-    return 1 + above, tied
+    return beats.sum(dim=1), equal.sum(dim=1)
 
 
 @dataclass
@@ -76,14 +83,3 @@ class RankingMetrics:
             out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(rank + 1.0), 0.0).mean().item()
         out["tie_rate"] = torch.cat(self.ties).double().mean().item()
         return out
-
-
-def mask_seen(scores: torch.Tensor, seen_items: torch.Tensor) -> torch.Tensor:
-    """Full ranking: set the scores of a user's history items (and padding id 0) to -inf.
-
-    scores: [B, num_items + 1] over all item ids; seen_items: [B, H] item ids, 0 = padding.
-    """
-    masked = scores.clone()
-    masked.scatter_(1, seen_items, float("-inf"))
-    masked[:, 0] = float("-inf")
-    return masked

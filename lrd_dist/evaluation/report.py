@@ -9,6 +9,7 @@ predefined relations that hold between the two items (the paper's analysis). Wri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jinja2
@@ -89,6 +90,20 @@ def relation_report(run: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
     _usage_figure(names, np.bincount(winner, minlength=len(names)), out / "usage.png")
     predefined, labels = _predefined_relations(catalog, graph, heads, tails)
     _heatmap(names, winner, predefined, labels, out / "heatmap.png")
+    against = np.zeros((len(names), len(labels)), dtype=np.int64)
+    np.add.at(against, (winner, predefined), 1)
+    entropy = -(q * np.log(np.clip(q, 1e-12, None))).sum(1)
+    summary = {
+        "pairs": len(heads),
+        "slots": names,
+        "won": np.bincount(winner, minlength=len(names)).tolist(),
+        "share": (np.bincount(winner, minlength=len(names)) / max(len(heads), 1)).tolist(),
+        "mean_q": q.mean(0).tolist(),
+        "mean_entropy": float(entropy.mean()),
+        "predefined": labels,
+        "won_by_predefined": against.tolist(),  # [slot][predefined relation] pair counts
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     slots = []
     for slot, name in enumerate(names):

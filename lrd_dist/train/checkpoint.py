@@ -70,6 +70,7 @@ class TrainerState:
     best: float = float("-inf")
     best_epoch: int = -1
     waited: int = 0  # evaluations without improvement
+    dev_history: list[float] = field(default_factory=list)  # the selection metric per evaluation
     scheduler: dict = field(default_factory=dict)
 
 

@@ -13,6 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,6 +23,7 @@ from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG, Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
+from lrd_dist.data.user_items import UserItems
 from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.errors import InputError
 from lrd_dist.evaluation.evaluate import evaluate
@@ -91,6 +93,8 @@ def evaluate_weights(
         )
     if config.eval.compile:
         model.compile_scoring()
+    torch.set_flush_denormal(True)  # see train(): denormal floats are several times slower on a CPU
+    known = UserItems.from_dataset(data) if config.eval.full_ranking else None
     results = {}
     for split in splits:
         loader = LoaderConfig(
@@ -103,6 +107,8 @@ def evaluate_weights(
             config.eval.ties,
             config.eval.full_ranking,
             manifest.num_items,
+            known=known,
+            split=split,
         )
     log.info("evaluated %s with %s", weights, to_yaml(config).splitlines()[0])
     return results

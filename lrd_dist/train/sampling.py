@@ -9,6 +9,7 @@ import torch
 
 from lrd_dist.config import RunConfig
 from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
+from lrd_dist.data.user_items import UserItems
 
 
 class TrainingSampler:
@@ -19,11 +20,13 @@ class TrainingSampler:
         predecessors: PredecessorTable | None,
         use_kg: bool,
         rank: int,
+        known: UserItems | None = None,
     ) -> None:
         self.config = config
         self.graph = graph
         self.predecessors = predecessors
         self.use_kg = use_kg
+        self.known = known  # train.negatives=official: reject every item of the user
         self.rng = np.random.default_rng([config.train.seed, rank])
         self.generator = torch.Generator().manual_seed(config.train.seed * 1009 + rank)
 
@@ -39,13 +42,13 @@ class TrainingSampler:
         """Inputs for ``Recommender.forward`` besides the batch, on the CPU."""
         num_items = self.graph.num_items
         rows = len(batch["user"])
-        negatives = draw_uniform_negatives(batch, (rows,), num_items, self.generator)
+        negatives = draw_uniform_negatives(batch, (rows,), num_items, self.generator, known=self.known)
         lrd_negatives = None
         if self.config.lrd.enabled:
             shape = tuple(batch["history_items"].shape)
             if self.config.lrd.decoder == "softmax":
                 shape += (self.config.lrd.num_negatives,)
-            lrd_negatives = draw_uniform_negatives(batch, shape, num_items, self.generator)
+            lrd_negatives = draw_uniform_negatives(batch, shape, num_items, self.generator, known=self.known)
             if self.predecessors is not None:
                 hard = self.predecessors.sample(batch["target"], lrd_negatives, self.rng)
                 use_hard = torch.rand(hard.shape, generator=self.generator) < self.config.lrd.hard_negatives
@@ -67,11 +70,13 @@ def draw_uniform_negatives(
     num_items: int,
     generator: torch.Generator,
     rounds: int = 5,
+    known: UserItems | None = None,
 ) -> torch.Tensor:
     """Uniform items 1..num_items, redrawn while equal to the row's target or in its history window.
 
     Only the user's known past is excluded (not later items, unlike the official code, which
-    rejects the user's dev and test items too and so leaks them into training).
+    rejects the user's dev and test items too and so leaks them into training). With ``known``
+    (the official rule) every item the user ever interacted with is rejected as well.
     """
     rows = batch["target"].shape[0]
     draws = torch.randint(1, num_items + 1, (rows, *shape[1:]), generator=generator)
@@ -79,6 +84,8 @@ def draw_uniform_negatives(
     for _ in range(rounds):
         flat = draws.view(rows, -1)
         clash = (flat[:, :, None] == seen[:, None, :]).any(-1).view(draws.shape)
+        if known is not None:
+            clash |= known.interacted(batch["user"], draws)
         if not clash.any():
             break
         draws[clash] = torch.randint(1, num_items + 1, (int(clash.sum()),), generator=generator)

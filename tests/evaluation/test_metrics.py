@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lrd_dist.evaluation.metrics import RankingMetrics, ground_truth_rank, mask_seen
+from lrd_dist.evaluation.metrics import RankingMetrics, ground_truth_rank
 
 
 def _metrics(target, candidates, ties="pessimistic", ks=(1, 5, 10)):
@@ -55,12 +55,3 @@ def test_padding_rows_are_not_counted() -> None:
     metrics = RankingMetrics(ks=(1,))
     metrics.update(torch.tensor([1, 50]), torch.tensor([False, False]), valid=torch.tensor([True, False]))
     assert metrics.compute() == {"examples": 1.0, "HR@1": 1.0, "NDCG@1": 1.0, "tie_rate": 0.0}
-
-
-def test_full_ranking_masks_history_and_padding() -> None:
-    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0]])
-    masked = mask_seen(scores, torch.tensor([[2, 0]]))
-    assert masked[0].tolist() == [float("-inf"), 1.0, float("-inf"), 3.0, 4.0]
-    assert scores[0, 2] == 5.0  # the input is left untouched
-    rank, _ = ground_truth_rank(masked[:, 3], torch.cat([masked[:, :3], masked[:, 4:]], dim=1))
-    assert rank.item() == 2  # only item 4 scores higher once history item 2 is masked

@@ -181,3 +181,16 @@ def test_latent_only_relations_cover_the_latent_slots(synth_with_embeddings: Pat
     first_log = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
     usage = json.loads(first_log)["lrd_usage"]
     assert len(usage) == 3 and abs(sum(usage) - 1) < 1e-4
+
+
+def test_official_stop_rule() -> None:
+    from lrd_dist.train.loop import official_stop
+
+    rising = [0.1 + 0.01 * i for i in range(30)]
+    assert not official_stop(rising)  # still improving at 30 evaluations
+    flat_tail = [*rising[:20], 0.3, 0.3, 0.29, 0.28, 0.28]
+    assert official_stop(flat_tail)  # > 20 evaluations, last 5 non-increasing
+    assert not official_stop(rising[:15] + [0.2] * 5)  # non-increasing but only 20 evaluations
+    old_best = [0.5] + [0.1, 0.2] * 10  # best 21 evaluations ago, although the tail zig-zags
+    assert official_stop(old_best)
+    assert not official_stop(old_best[:-1])

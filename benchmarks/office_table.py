@@ -1,0 +1,252 @@
+"""The Office table, trained to convergence: every (model, seed), resumable, one command.
+
+    python benchmarks/office_table.py --office ../shared/datasets/office
+
+Prepares Office and its frozen all-MiniLM-L6-v2 table if they are missing, then trains each
+(model, seed) under the official model-selection rule (dev NDCG@5, LRD/ReChorus early stopping, at
+most 200 epochs) with ``checkpoint.resume=auto``: a finished run is skipped, an interrupted one
+continues from its last checkpoint, so the table survives interruptions. After each run the best
+weights are also scored by full ranking over all items (the whole known history masked) and, for
+LRD runs, the relation report is written. Every finished run lands in ``OUT/office.json`` at once
+(config, seed, best epoch, epochs run, dev and test HR/NDCG@5/10/20/50, tie rate, wall time,
+commit), with ``OUT/office.md`` (the table, beside the authors' figures) and
+``OUT/office_dev_ndcg5.png`` (dev NDCG@5 against epoch per model).
+
+Each run is a fresh ``lrd-dist train`` process of the code this script is run from; run it from a
+clean checkout (the commit is recorded per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "office"
+OFFICIAL = ["train.early_stop=official", "eval.metric=NDCG@5", "train.epochs=200", "eval.ks=[5,10,20,50]"]
+# name -> (label, config file, extra overrides); the order is the order they are trained in
+RUNS: dict[str, tuple[str, str, list[str]]] = {
+    "kda_lrd": ("KDA+LRD", "kda_lrd.yaml", []),
+    "kda": ("KDA", "kda.yaml", []),
+    "sasrec": ("SASRec", "sasrec.yaml", []),
+    "rcf": ("RCF", "rcf.yaml", []),
+    "rcf_lrd": ("RCF+LRD", "rcf_lrd.yaml", []),
+    "kda_lrd_discovery": ("KDA+LRD, discovery settings", "kda_lrd_discovery.yaml", []),
+    "rcf_lrd_discovery": ("RCF+LRD, discovery settings", "rcf_lrd_discovery.yaml", []),
+    "kda_lrd_official_negatives": (
+        "KDA+LRD, official negatives (leak)",
+        "kda_lrd.yaml",
+        ["train.negatives=official"],
+    ),
+    "rcf_lrd_official_negatives": (
+        "RCF+LRD, official negatives (leak)",
+        "rcf_lrd.yaml",
+        ["train.negatives=official"],
+    ),
+}
+# The authors' own logs (official repository history, seed 2019, closed 1536-d embeddings, one run)
+AUTHORS = {
+    "KDA+LRD": {"HR@5": 0.4826, "NDCG@5": 0.3403, "HR@10": 0.6302, "NDCG@10": 0.3881, "best_epoch": 56},
+    "RCF+LRD": {"HR@5": 0.4381, "NDCG@5": 0.3127, "HR@10": 0.5761, "NDCG@10": 0.3573, "best_epoch": 192},
+}
+METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--office", type=Path, help="the ReChorus-layout Office directory (to prepare)")
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "office")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "office_table")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="a subset of the runs")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table from office.json")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    table_file = args.out / "office.json"
+    table = json.loads(table_file.read_text()) if table_file.is_file() else {"runs": {}}
+    if not args.report_only:
+        prepare(args)
+        for name in args.only or RUNS:
+            for seed in args.seeds:
+                key = f"{name}/seed{seed}"
+                if table["runs"].get(key, {}).get("status") == "done":
+                    print(f"{key}: done, skipped", flush=True)
+                    continue
+                table["runs"][key] = run_one(args, name, seed, table["runs"].get(key, {}))
+                table_file.write_text(json.dumps(table, indent=1) + "\n")
+                write_report(table, args.out)
+    write_report(table, args.out)
+    return 0
+
+
+def lrd_dist(*command: str, threads: int) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lrd_dist.cli", *command], env=env, cwd=REPO, capture_output=True, text=True
+    )
+
+
+def checked(result: subprocess.CompletedProcess, what: str) -> str:
+    if result.returncode != 0:
+        raise SystemExit(f"{what} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def prepare(args: argparse.Namespace) -> None:
+    if not (args.data / "manifest.json").is_file():
+        if args.office is None:
+            raise SystemExit(
+                f"{args.data} is not prepared: pass --office DIR (the ReChorus-layout Office data)"
+            )
+        command = ["prepare", "--source", "rechorus", "--input", str(args.office), "--out", str(args.data)]
+        checked(lrd_dist(*command, "--max-history", "20", threads=2), "prepare")
+    if not (args.data / "item_embeddings.safetensors").is_file():
+        checked(lrd_dist("embed", "--data", str(args.data), threads=2), "embed")
+
+
+def commit() -> str:
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    return head + ("-dirty" if dirty.strip() else "")
+
+
+def run_one(args: argparse.Namespace, name: str, seed: int, previous: dict) -> dict:
+    label, config, extra = RUNS[name]
+    run = args.runs / name / f"seed{seed}"
+    overrides = [
+        f"data.dir={args.data}",
+        f"train.out_dir={run}",
+        f"train.seed={seed}",
+        "checkpoint.resume=auto",
+        "train.tracker=none",
+        *OFFICIAL,
+        *extra,
+    ]
+    command = ["train", "--config", str(CONFIGS / config), *overrides]
+    print(f"{name}/seed{seed}: lrd-dist {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    result = lrd_dist(*command, threads=args.threads)
+    attempts = [*previous.get("attempts", []), {"seconds": time.perf_counter() - started, "commit": commit()}]
+    if result.returncode != 0:
+        print(result.stderr[-4000:], file=sys.stderr)
+        return {"status": "failed", "attempts": attempts}
+    results = json.loads((run / "results.json").read_text())
+    weights, resolved = run / "best.safetensors", run / "config.yaml"
+    full = json.loads(
+        checked(
+            lrd_dist(
+                "eval",
+                "--weights",
+                str(weights),
+                "--config",
+                str(resolved),
+                "eval.full_ranking=true",
+                threads=args.threads,
+            ),
+            "full-ranking eval",
+        )
+    )
+    entry = {
+        "status": "done",
+        "label": label,
+        "model": name,
+        "seed": seed,
+        "command": "lrd-dist " + " ".join(command),
+        "config": yaml.safe_load(resolved.read_text()),
+        "best_epoch": results["best_epoch"],
+        "epochs_run": results["epochs_run"],
+        "steps": results["steps"],
+        "dev": results["dev"],
+        "test": results["test"],
+        "full_ranking": full,
+        "dev_curve": dev_curve(run / "metrics.jsonl"),
+        "seconds": sum(a["seconds"] for a in attempts),
+        "attempts": attempts,
+        "commit": attempts[-1]["commit"],
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if results.get("lrd"):
+        entry["relations"] = relation_summary(run, args.out / "relations" / f"{name}_seed{seed}")
+    return entry
+
+
+def dev_curve(metrics: Path) -> list[float]:
+    entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [e["dev/NDCG@5"] for e in entries if "dev/NDCG@5" in e]
+
+
+def relation_summary(run: Path, keep: Path) -> dict:
+    """``lrd-dist relations`` on the best weights; its page and figures are kept under ``keep``."""
+    checked(lrd_dist("relations", "--run", str(run), threads=2), "relation report")
+    if keep.exists():
+        shutil.rmtree(keep)
+    shutil.copytree(run / "relations", keep)
+    summary = json.loads((run / "relations" / "summary.json").read_text())
+    return summary
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def write_report(table: dict, out: Path) -> None:
+    done = [r for r in table["runs"].values() if r.get("status") == "done"]
+    lines = [
+        "| model | seeds | test HR@5 | test NDCG@5 | test HR@10 | test NDCG@10 | full-ranking test NDCG@10 | "
+        "best epoch | epochs run | hours per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    figure, axes = plt.subplots(1, max(1, len(RUNS)), figsize=(3.2 * len(RUNS), 3.2), sharey=True)
+    for axis, (name, (label, _, _)) in zip(axes, RUNS.items(), strict=True):
+        runs = sorted((r for r in done if r["model"] == name), key=lambda r: r["seed"])
+        axis.set_title(label, fontsize=8)
+        axis.set_xlabel("epoch")
+        for r in runs:
+            axis.plot(range(1, len(r["dev_curve"]) + 1), r["dev_curve"], label=f"seed {r['seed']}")
+        if runs:
+            axis.legend(fontsize=7)
+            test = {m: [r["test"][m] for r in runs] for m in METRICS}
+            lines.append(
+                f"| {label} | {len(runs)} | "
+                + " | ".join(mean_std(test[m]) for m in ("HR@5", "NDCG@5", "HR@10", "NDCG@10"))
+                + f" | {mean_std([r['full_ranking']['test']['NDCG@10'] for r in runs])}"
+                + f" | {', '.join(str(r['best_epoch'] + 1) for r in runs)}"
+                + f" | {', '.join(str(r['epochs_run']) for r in runs)}"
+                + f" | {statistics.mean(r['seconds'] for r in runs) / 3600:.2f} |"
+            )
+    axes[0].set_ylabel("dev NDCG@5")
+    figure.tight_layout()
+    figure.savefig(out / "office_dev_ndcg5.png", dpi=100)
+    plt.close(figure)
+    for label, figures in AUTHORS.items():
+        lines.append(
+            f"| {label}, authors' log (1536-d closed embeddings, seed 2019, one run) | 1 | "
+            + " | ".join(f"{figures[m]:.4f}" for m in ("HR@5", "NDCG@5", "HR@10", "NDCG@10"))
+            + f" | – | {figures['best_epoch']} | – | – |"
+        )
+    (out / "office.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
