@@ -15,16 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrd_dist.config import TextEncoderConfig
 from lrd_dist.data.catalog import Catalog
-from lrd_dist.encoders.text import EmbedConfig, encode_texts, load_encoder, pool
+from lrd_dist.encoders.text import encode_texts, load_encoder, pool
+
+BATCH = 64
 
 
 @torch.inference_mode()
-def naive(texts: list[str], tokenizer, model, config: EmbedConfig) -> np.ndarray:
+def naive(texts: list[str], tokenizer, model, config: TextEncoderConfig) -> np.ndarray:
     out = []
-    for start in range(0, len(texts), config.batch_size):
+    for start in range(0, len(texts), BATCH):
         batch = tokenizer(
-            texts[start : start + config.batch_size],
+            texts[start : start + BATCH],
             padding="max_length",
             truncation=True,
             max_length=config.max_length,
@@ -45,12 +48,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts = Catalog.read(args.data / "catalog.parquet").texts.to_pylist()[: args.limit]
-    config = EmbedConfig(batch_size=64, max_length=128)
+    config = TextEncoderConfig(max_length=128)
     tokenizer, model = load_encoder(config)
     timings = {}
     results = {}
     for name, run in (
-        ("sorted", lambda: encode_texts(texts, tokenizer, model, config)),
+        ("sorted", lambda: encode_texts(texts, tokenizer, model, config, BATCH)),
         ("naive", lambda: naive(texts, tokenizer, model, config)),
     ):
         started = time.perf_counter()

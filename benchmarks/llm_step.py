@@ -40,27 +40,18 @@ def measure(data: Path, config_path: Path, steps: int, overrides: list[str]) -> 
     import torch
 
     from lrd_dist.config import load_config
-    from lrd_dist.data.catalog import Catalog
-    from lrd_dist.data.format import CATALOG, Manifest
-    from lrd_dist.data.graph import KnowledgeGraph
-    from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-    from lrd_dist.encoders.item_text import build_item_text
-    from lrd_dist.models import build_model
+    from lrd_dist.run import build_run
+    from lrd_dist.train.backend import flush_denormals, select_attention
     from lrd_dist.train.sampling import TrainingSampler
 
     config = load_config(config_path, [f"data.dir={data}", "llm.mode=lora", *overrides])
     torch.manual_seed(0)
-    manifest = Manifest.load(data)
-    catalog = Catalog.read(data / CATALOG)
-    graph = KnowledgeGraph(catalog, latent=config.model.latent_relations)
-    item_text = build_item_text(config, catalog)
-    model = build_model(config, manifest.num_users, graph, item_text).train()
+    flush_denormals()
+    run = build_run(config, select_attention(config.model.fused_attention))
+    model, item_text = run.model.train(), run.model.item_text
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sampler = TrainingSampler(config, graph, None, True, 0)
-    loader = LoaderConfig(
-        batch_size=config.data.batch_size, max_history=config.data.max_history, shuffle=True, seed=0
-    )
-    batches = make_loader(SequenceStream(data, "train", loader))
+    sampler = TrainingSampler(config, run.graph, True, 0)
+    batches = run.loader("train")
     baseline = psutil.Process().memory_info().rss
     times, encoded, occurrences = [], [], []
     for index, batch in enumerate(batches):

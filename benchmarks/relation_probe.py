@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrd_dist.config import TextEncoderConfig
 from lrd_dist.data.synth import SynthConfig, generate
-from lrd_dist.encoders.text import EmbedConfig, encode_texts, load_encoder
+from lrd_dist.encoders.text import encode_texts, load_encoder
 from lrd_dist.evaluation.relations import nmi, purity
 from lrd_dist.models.lrd import LatentRelationDiscovery
 
@@ -107,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
 
     catalog, _, planted = generate(SynthConfig(users=2000, items=1000, relations=4, seed=0))
-    config = EmbedConfig()
+    config = TextEncoderConfig()
     tokenizer, model = load_encoder(config)
     text = torch.from_numpy(encode_texts(catalog.texts.to_pylist(), tokenizer, model, config)).float()
     base = np.asarray(planted["head"]) - 1

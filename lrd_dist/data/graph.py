@@ -152,35 +152,3 @@ class KnowledgeGraph:
             self.value_entity[tail, relation] == value
         )
         return np.where(attribute, same_value, item_true)
-
-
-class PredecessorTable:
-    """For each item, the items that directly preceded it in training sequences (CSR arrays).
-
-    Hard reconstruction negatives for LRD: the decoder must tell the real history item h of a
-    target i from a negative h' under the pair's relation. A uniform h' is told apart without any
-    relation (one relation fits all pairs: collapse). An h' that also preceded i elsewhere is
-    told apart only by how it relates to i, so the relation has to carry that. One streaming pass.
-    """
-
-    def __init__(self, batches, num_items: int) -> None:
-        keys = []
-        for batch in batches:
-            rows = batch["valid"] & (batch["history_length"] > 0)
-            last = batch["history_items"][rows].gather(1, (batch["history_length"][rows] - 1)[:, None])[:, 0]
-            keys.append(
-                np.unique(batch["target"][rows].numpy() * (num_items + 1) + last.numpy().astype(np.int64))
-            )
-        pairs = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-        targets, self.predecessors = pairs // (num_items + 1), pairs % (num_items + 1)
-        self.offsets = np.searchsorted(targets, np.arange(num_items + 2))
-
-    def sample(self, targets: torch.Tensor, fallback: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """[B] targets -> random predecessors of each target, shaped like ``fallback`` ([B, ...]),
-        which is used where a target has none."""
-        flat = targets.numpy()
-        start, count = self.offsets[flat], self.offsets[flat + 1] - self.offsets[flat]
-        expand = (slice(None),) + (None,) * (fallback.dim() - 1)
-        pick = start[expand] + (rng.random(tuple(fallback.shape)) * count[expand]).astype(np.int64)
-        chosen = self.predecessors[np.minimum(pick, max(len(self.predecessors) - 1, 0))]
-        return torch.where(torch.from_numpy(count > 0)[expand], torch.from_numpy(chosen), fallback)

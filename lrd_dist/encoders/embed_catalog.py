@@ -14,15 +14,16 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from lrd_dist.config import TextEncoderConfig
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG
 from lrd_dist.encoders.text import (
     ENCODER_CONFIG,
-    EmbedConfig,
     catalog_checksum,
     encode_texts,
     load_encoder,
@@ -54,11 +55,15 @@ def trained_encoder_config(directory: Path) -> dict:
 
 
 def embed_catalog(
-    data: Path, config: EmbedConfig, out: Path | None = None, adapter: Path | None = None
+    data: Path,
+    config: TextEncoderConfig,
+    out: Path | None = None,
+    adapter: Path | None = None,
+    batch_size: int = 64,
+    dtype: Literal["float32", "float16"] = "float32",
 ) -> Path:
     from accelerate import PartialState
 
-    config.validate()
     state = PartialState(cpu=not torch.cuda.is_available())
     out = out or data / TABLE_NAME
     texts = Catalog.read(data / CATALOG).texts.to_pylist()
@@ -71,7 +76,7 @@ def embed_catalog(
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     model.to(state.device)
     started = time.perf_counter()
-    part = encode_texts(texts[lo:hi], tokenizer, model, config)
+    part = encode_texts(texts[lo:hi], tokenizer, model, config, batch_size)
     seconds = time.perf_counter() - started
     log.info(
         "rank %d encoded %d items in %.1f s (%.0f items/s)",
@@ -81,7 +86,7 @@ def embed_catalog(
         (hi - lo) / max(seconds, 1e-9),
     )
     if state.num_processes == 1:
-        save_table(out, part, config, catalog_checksum(texts))
+        save_table(out, part, config, catalog_checksum(texts), dtype)
         return out
     slice_path = out.with_name(f"{out.name}.rank{state.process_index}.npy")
     np.save(slice_path, part, allow_pickle=False)
@@ -89,7 +94,7 @@ def embed_catalog(
     if state.is_main_process:
         slices = [out.with_name(f"{out.name}.rank{r}.npy") for r in range(state.num_processes)]
         table = np.concatenate([np.load(p, allow_pickle=False) for p in slices])
-        save_table(out, table, config, catalog_checksum(texts))
+        save_table(out, table, config, catalog_checksum(texts), dtype)
         for p in slices:
             p.unlink()
     state.wait_for_everyone()

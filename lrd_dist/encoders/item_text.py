@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrd_dist.config import LLMConfig, RunConfig
+from lrd_dist.config import LLMConfig, RunConfig, TextEncoderConfig
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.encoders.lora import apply_lora, lora_targets
-from lrd_dist.encoders.text import EmbedConfig, load_encoder, load_table, pool, tokenize
+from lrd_dist.encoders.text import load_encoder, load_table, pool, tokenize
 
 log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +54,7 @@ class LiveTextEncoder(nn.Module):
         autocast: str = "no",
         dedup: bool = True,
         chunk_size: int = 128,
+        lockstep: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -62,12 +64,12 @@ class LiveTextEncoder(nn.Module):
         self.chunk_size = chunk_size  # sequences per encoder call, grouped by length
         # Under ZeRO-3 every call of the model gathers its weights collectively, so every rank must
         # make the same number of calls: exactly one per encode (no chunks; a dummy when empty).
-        self.lockstep = False
+        self.lockstep = lockstep
         self.last_encoded = 0  # sequences the last call sent through the model (benchmarks, tests)
 
     @classmethod
     def from_texts(
-        cls, model: nn.Module, tokenizer, texts: Sequence[str], embed: EmbedConfig, **options
+        cls, model: nn.Module, tokenizer, texts: Sequence[str], embed: TextEncoderConfig, **options
     ) -> LiveTextEncoder:
         ids = tokenize(texts, tokenizer, embed)
         width = max((len(x) for x in ids), default=1)
@@ -129,37 +131,27 @@ class LiveTextEncoder(nn.Module):
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 
 
-def embed_config_of(llm: LLMConfig) -> EmbedConfig:
-    return EmbedConfig(
-        model=llm.model,
-        gguf_file=llm.gguf_file,
-        pooling=llm.pooling,
-        normalize=llm.normalize,
-        template=llm.template,
-        max_length=llm.max_length,
-        trust_remote_code=llm.trust_remote_code,
-    )
+def text_encoder_of(llm: LLMConfig) -> TextEncoderConfig:
+    """The text-encoder part of the ``llm`` section (what ``lrd-dist embed`` also takes)."""
+    return TextEncoderConfig(**{f.name: getattr(llm, f.name) for f in fields(TextEncoderConfig)})
 
 
-def build_item_text(config: RunConfig, catalog: Catalog) -> FrozenTextTable | LiveTextEncoder | None:
-    """What ``Recommender`` reads item language from; None without LRD."""
+def build_item_text(
+    config: RunConfig, catalog: Catalog, lockstep: bool = False
+) -> FrozenTextTable | LiveTextEncoder | None:
+    """What ``Recommender`` reads item language from; None without LRD. ``lockstep``: the live
+    encoder runs under ZeRO-3 (see ``LiveTextEncoder``)."""
     if not config.lrd.enabled:
         return None
     texts = catalog.texts.to_pylist()
     if config.llm.mode == "frozen":
-        path = config.lrd.embeddings or Path(config.data.dir) / TABLE_NAME
+        path = config.llm.table or Path(config.data.dir) / TABLE_NAME
         table, _ = load_table(path, texts)
-        if config.lrd.standardize_text:
-            # Sentence vectors share a large common direction; what tells relations apart is in
-            # the rest. Without this the encoder sees almost the same input for every pair.
-            real = table[1:]
-            table[1:] = (real - real.mean(0)) / real.std(0).clamp(min=1e-6)
-        if config.lrd.shuffle_text:  # ablation: each item gets another item's text vector
+        if config.llm.shuffle_table:  # ablation: each item gets another item's text vector
             order = torch.randperm(len(table) - 1, generator=torch.Generator().manual_seed(config.train.seed))
             table[1:] = table[1:][order]
         return FrozenTextTable(table)
-    embed = embed_config_of(config.llm)
-    embed.validate()
+    embed = text_encoder_of(config.llm)
     tokenizer, model = load_encoder(embed)
     if config.llm.gradient_checkpointing:
         # Non-reentrant: the reentrant variant drops gradients of adapters whose inputs need none.
@@ -175,6 +167,7 @@ def build_item_text(config: RunConfig, catalog: Catalog) -> FrozenTextTable | Li
         autocast=config.llm.autocast,
         dedup=config.llm.dedup,
         chunk_size=config.llm.chunk_size,
+        lockstep=lockstep,
     )
     if config.llm.mode == "full":
         _freeze_unreached(encoder)

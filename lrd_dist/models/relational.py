@@ -12,7 +12,6 @@ Shapes: B batch, C candidates, H history, R relation slots, V embedding size.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -20,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrd_dist.models import slot_attention
-
-log = logging.getLogger(__name__)
+from lrd_dist.models.slot_attention import SlotAttention
 
 
 class RelationInteraction(nn.Module):
@@ -29,18 +27,21 @@ class RelationInteraction(nn.Module):
     weights; MHA has bias-free q/k/v and no output projection (official). Tokens are [N, R, V]:
     N candidate rows of R relation slots.
 
-    On the CPU the attention across slots is one fused kernel (``slot_attention``; the batch of
-    13 x 16 GEMMs, softmax and copies torch would run took longer than the projections);
-    ``fused_attention=False``, other devices, or a machine where the kernel cannot be built use
-    plain torch ops. Both compute the same up to float summation order.
+    ``attention(q, k, v, heads)`` computes the attention across slots: torch ops by default, the
+    fused CPU kernel where the run's backend chose it (``train/backend.py``); both compute the same
+    up to float summation order.
     """
 
     def __init__(
-        self, emb_size: int, num_heads: int, num_layers: int, dropout: float, fused_attention: bool = True
+        self,
+        emb_size: int,
+        num_heads: int,
+        num_layers: int,
+        dropout: float,
+        attention: SlotAttention = slot_attention.torch_slot_attention,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_layers = num_heads, num_layers
-        self.scale = (emb_size // num_heads) ** -0.5
         self.query = nn.Linear(emb_size, emb_size, bias=False)
         self.key = nn.Linear(emb_size, emb_size, bias=False)
         self.value = nn.Linear(emb_size, emb_size, bias=False)
@@ -48,25 +49,13 @@ class RelationInteraction(nn.Module):
         self.output = nn.Linear(emb_size, emb_size)
         self.norm = nn.LayerNorm(emb_size)
         self.dropout = nn.Dropout(dropout)
-        self.fused_attention = fused_attention
-        self._use_kernel: bool | None = None  # see select_attention
-
-    def select_attention(self, device: torch.device) -> None:
-        """Decide, eagerly (it may build the kernel; not inside a compiled region), whether the
-        fused kernel computes the attention on ``device``."""
-        self._use_kernel = self.fused_attention and device.type == "cpu" and slot_attention.available()
+        self.attention = attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, R, V] -> [N, R, V]
-        if self._use_kernel is None:
-            self.select_attention(x.device)
         # q, k, v stay three module calls (not one GEMM on concatenated weights): under ZeRO-3 a
         # module's weights are gathered only when that module runs.
         for _ in range(self.num_layers):
-            q, k, v = self.query(x), self.key(x), self.value(x)
-            if self._use_kernel and q.dtype in (torch.float32, torch.float64):  # (not under bf16 autocast)
-                attended = slot_attention.slot_attention(q, k, v, self.num_heads, self.scale)
-            else:
-                attended = slot_attention.torch_slot_attention(q, k, v, self.num_heads)
+            attended = self.attention(self.query(x), self.key(x), self.value(x), self.num_heads)
             x = self.norm(x + self.dropout(self.output(F.relu(self.hidden(attended)))))
         return x
 
@@ -111,7 +100,7 @@ class RelationalRecommender(nn.Module):
         temporal: bool = True,
         t_scalar: float = 60.0,
         n_dft: int = 64,
-        fused_attention: bool = True,
+        attention: SlotAttention = slot_attention.torch_slot_attention,
     ) -> None:
         super().__init__()
         num_relations = value_entity.shape[1]
@@ -119,11 +108,10 @@ class RelationalRecommender(nn.Module):
         self.entity_embeddings = nn.Embedding(num_entities, emb_size, padding_idx=0)
         self.relation_embeddings = nn.Embedding(num_relations, emb_size)
         self.item_bias = nn.Embedding(num_items + 1, 1)
-        self.interaction = RelationInteraction(emb_size, num_heads, num_layers, dropout, fused_attention)
+        self.interaction = RelationInteraction(emb_size, num_heads, num_layers, dropout, attention)
         self.register_buffer("value_entity", value_entity.long(), persistent=False)
         self.apply(_init_weights)
         self.kernel = TemporalKernel(num_relations, n_dft, t_scalar) if temporal else None
-        self._compiled_block = None  # see compile_inference
 
     def forward(
         self,
@@ -145,33 +133,14 @@ class RelationalRecommender(nn.Module):
         # per user at once is memory-bound and about twice as slow on a CPU (512 measured 1.1-1.3x
         # faster than 1024 or 2048 with the fused attention kernel); results are identical.
         block = self.candidates_per_block(len(user))
-        self.interaction.select_attention(history.device)
-
-        def scores(score_block) -> torch.Tensor:
-            chunks = candidates.split(block, dim=1)
-            return torch.cat([score_block(history, valid, decay, user_vector, c) for c in chunks], dim=1)
-
-        if self._compiled_block is not None and not torch.is_grad_enabled():
-            try:
-                return scores(self._compiled_block)
-            except Exception as error:  # e.g. no C++ compiler for inductor's CPU code; a real
-                # error in the model reappears in the eager call below
-                log.warning("torch.compile failed (%s); scoring eagerly from now on", error)
-                self._compiled_block = None
-        return scores(self._score_block)
-
-    def compile_inference(self) -> None:
-        """Score without gradients (evaluation) through ``torch.compile``, one graph per candidate
-        block: it fuses the history attention and the elementwise work between the interaction's
-        small GEMMs (1.1x faster evaluation than compiling the interaction alone). Training stays
-        eager: compiled forward and backward measured slower on a CPU."""
-        self._compiled_block = torch.compile(self._score_block)
+        chunks = candidates.split(block, dim=1)
+        return torch.cat([self.score_block(history, valid, decay, user_vector, c) for c in chunks], dim=1)
 
     @classmethod
     def candidates_per_block(cls, batch_size: int) -> int:
         return max(1, cls.BLOCK_ROWS // batch_size)
 
-    def _score_block(
+    def score_block(
         self,
         history: torch.Tensor,  # [B, H, V]
         valid: torch.Tensor,  # [B, H]
@@ -179,6 +148,8 @@ class RelationalRecommender(nn.Module):
         user_vector: torch.Tensor,  # [B, 1, V]
         candidates: torch.Tensor,  # [B, C]
     ) -> torch.Tensor:  # [B, C]
+        """One block of candidates; evaluation may run it through ``torch.compile`` (one graph per
+        block: the history attention and the elementwise work between the interaction's GEMMs)."""
         items = self.entity_embeddings(candidates)  # [B, C, V]
         values = self.entity_embeddings(self.value_entity[candidates])  # [B, C, R, V]
         keys = (self.relation_embeddings.weight + values) * items[:, :, None, :]  # [B, C, R, V]

@@ -8,18 +8,22 @@ head in registers; the backward recomputes the weights. Same arithmetic up to fl
 The extension is compiled by ``torch.utils.cpp_extension`` on first use (g++ and ninja; about a
 40 s, then cached under ``TORCH_EXTENSIONS_DIR``), for the CPU capability torch reports, so a
 cache shared by different machines never runs instructions a CPU lacks. Where it cannot be built,
-``available()`` is False and callers use plain torch ops.
+``available()`` is False and callers use plain torch ops. The choice is made by the run's backend
+(``train/backend.py``), never inside a model's forward.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+# (q, k, v [N, R, V], heads) -> [N, R, V]: what the relation interaction calls
+SlotAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 SOURCE = Path(__file__).parent / "kernels" / "slot_attention.cpp"
 ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
@@ -95,6 +99,14 @@ def _backward(ctx, grad):
 
 
 slot_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The kernel for fp32/fp64 CPU tensors, torch ops otherwise (bf16 autocast, other devices).
+    Only pass it where ``available()`` is True."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        return slot_attention(q, k, v, heads, (q.shape[-1] // heads) ** -0.5)
+    return torch_slot_attention(q, k, v, heads)
 
 
 def torch_slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

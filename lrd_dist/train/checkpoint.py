@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from lrd_dist.config import RunConfig
+from lrd_dist.config import RunConfig, upgrade
 from lrd_dist.data.format import sha256_of
 from lrd_dist.errors import InputError
 
@@ -51,13 +51,15 @@ MODEL_SECTIONS = ("model", "lrd", "kg", "llm")
 # ...except these keys, which change how it trains, not what it is.
 RESUMABLE_CHANGES = {
     "llm.lr",
+    "llm.chunk_size",
     "llm.max_pairs_per_step",
     "llm.dedup",
     "llm.gradient_checkpointing",
     "llm.autocast",
-    "llm.chunk_size",
     "model.fused_attention",  # how the attention is computed, not what
 }
+# With a frozen table (both runs), only these keys of the llm section define the model.
+FROZEN_LLM_KEYS = {"mode", "table", "shuffle_table"}
 
 
 @dataclass
@@ -166,7 +168,7 @@ def save_checkpoint(
 def find_resume_point(config: RunConfig) -> Path | None:
     """The checkpoint ``checkpoint.resume`` names: none, the latest complete one, or a path."""
     resume = config.checkpoint.resume
-    if not resume:
+    if resume == "never":
         return None
     if resume == "auto":
         root = checkpoint_root(config)
@@ -217,19 +219,7 @@ def verify_checkpoint(
                 f"now {data_checksum[:12]})",
                 "point data.dir at the dataset it was trained on, or set checkpoint.force=true",
             )
-        now, defaults = asdict(config), asdict(RunConfig())
-        # a key newer than the checkpoint had its default then (older checkpoints lack it)
-        saved = {
-            section: {**defaults[section], **trainer["config"][section]}
-            for section in MODEL_SECTIONS
-            if section in trainer["config"]  # (older checkpoints have no llm section)
-        }
-        changed = [
-            f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
-            for section in saved
-            for key, value in now[section].items()
-            if saved[section][key] != value and f"{section}.{key}" not in RESUMABLE_CHANGES
-        ]
+        changed = config_changes(trainer["config"], config, path)
         if changed:
             raise InputError(
                 path,
@@ -243,6 +233,42 @@ def verify_checkpoint(
             "resume with the same number of processes, or `lrd-dist export` it and start from the weights",
         )
     return trainer
+
+
+def config_changes(saved_config: dict, config: RunConfig, where: Path) -> list[str]:
+    """What differs between a checkpoint's model-defining config and ``config``, as ``key: old ->
+    new`` lines. A checkpoint of an earlier version is read in today's layout (``config.upgrade``):
+    a key it lacks had its default then; a removed option is refused unless it was a no-op."""
+    now, defaults = asdict(config), asdict(RunConfig())
+    saved_config = upgrade(saved_config, where)
+    saved = {
+        section: {**defaults[section], **saved_config.get(section, {})}
+        for section in MODEL_SECTIONS
+        if section in saved_config or section == "llm"  # (older checkpoints have no llm section)
+    }
+    frozen = now["llm"]["mode"] == saved["llm"]["mode"] == "frozen"
+    return [
+        f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+        for section in saved
+        for key, value in now[section].items()
+        if saved[section][key] != value
+        and f"{section}.{key}" not in RESUMABLE_CHANGES
+        and not (section == "llm" and frozen and key not in FROZEN_LLM_KEYS)
+    ]
+
+
+def saved_batches_per_epoch(checkpoint: Path) -> int:
+    """Batches per epoch per rank in the run that wrote ``checkpoint``."""
+    saved = json.loads((checkpoint / "rank-00000.json").read_text())
+    return saved["data"]["batches_per_epoch"]
+
+
+def position_for_world_size(batches: int, saved_per_epoch: int, per_epoch: int, grad_accum: int) -> int:
+    """Where a checkpoint of another world size continues its epoch: at the same fraction of it,
+    rounded down to an accumulation boundary (the model and optimizer continue exactly; which
+    samples remain in that epoch is re-split, see docs/training.md)."""
+    position = batches * per_epoch // saved_per_epoch
+    return position - position % grad_accum
 
 
 def load_checkpoint(

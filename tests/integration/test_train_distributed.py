@@ -6,13 +6,9 @@ import pytest
 from safetensors.torch import load_file
 
 from lrd_dist.config import load_config
-from lrd_dist.data.catalog import Catalog
-from lrd_dist.data.format import Manifest
-from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.evaluation.evaluate import evaluate
-from lrd_dist.models import build_model
+from lrd_dist.run import build_run
 from tests.integration.launch import accelerate_cpu
 
 
@@ -38,9 +34,7 @@ def test_two_process_training_evaluates_every_user_once(synth_with_embeddings: P
     assert results["test"]["examples"] == 301  # 151 + 150 users, none twice, none lost to padding
 
     config = load_config(run / "config.yaml")
-    catalog = Catalog.read(data / "catalog.parquet")
-    graph = KnowledgeGraph(catalog, latent=2)
-    model = build_model(config, Manifest.load(data).num_users, graph, build_item_text(config, catalog))
+    model = build_run(config).model
     model.load_state_dict(load_file(str(run / "best.safetensors")))
     single = evaluate(
         model,

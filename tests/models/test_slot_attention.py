@@ -90,20 +90,23 @@ def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, capl
     """No compiler (or ninja, or a writable cache): a warning naming the cause, then torch ops
     that compute the same."""
     from lrd_dist.models.relational import RelationInteraction
+    from lrd_dist.train.backend import select_attention
 
     def broken():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(sa, "_extension", broken)
     monkeypatch.setattr(sa, "available", functools.cache(sa.available.__wrapped__))
-    torch.manual_seed(0)
-    block = RelationInteraction(16, num_heads=4, num_layers=2, dropout=0.0)
     x = torch.randn(3, 5, 16)
     with caplog.at_level("WARNING"):
-        out = block(x)
-    assert block._use_kernel is False
+        chosen = select_attention(True)
+    assert chosen is sa.torch_slot_attention
     assert "fused slot attention unavailable (Ninja is required" in caplog.text
+    torch.manual_seed(0)
+    out = RelationInteraction(16, num_heads=4, num_layers=2, dropout=0.0, attention=chosen)(x)
     monkeypatch.undo()
-    block.select_attention(x.device)
-    assert block._use_kernel is True
-    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-6)
+    kernel = select_attention(True)
+    assert kernel is sa.fused_slot_attention
+    torch.manual_seed(0)
+    fused = RelationInteraction(16, num_heads=4, num_layers=2, dropout=0.0, attention=kernel)(x)
+    torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-6)

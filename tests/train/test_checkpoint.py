@@ -13,8 +13,11 @@ import pytest
 from lrd_dist.config import load_config
 from lrd_dist.errors import InputError
 from lrd_dist.train.checkpoint import complete_checkpoints
-from lrd_dist.train.loop import FAULT_STEP_ENV, train
+from lrd_dist.train.trainer import train
 from tests.conftest import TINY_LRD
+from tests.faults import kill
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
@@ -117,6 +120,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lrd_dist.cli", *args],
         env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {}),
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
@@ -136,7 +140,8 @@ def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tm
     ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _cli("train", *_overrides(synth_with_embeddings, straight, *extra)).returncode == 0
-    crash = _cli("train", *_overrides(synth_with_embeddings, killed, *extra), env={FAULT_STEP_ENV: "10:0"})
+    fault, fault_env = kill(step=10, rank=0)
+    crash = _cli("train", *_overrides(synth_with_embeddings, killed, *extra, *fault), env=fault_env)
     assert crash.returncode == -9  # SIGKILL
     assert [p.name for p in complete_checkpoints(killed / "checkpoints")][-1] == "step-00000008"
     resumed = _cli("train", *_overrides(synth_with_embeddings, killed, *extra, "checkpoint.resume=auto"))
@@ -160,28 +165,72 @@ def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tm
     assert (straight / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _rewrite_trainer_config(checkpoint: Path, change) -> dict:
+    """Edit a checkpoint's stored config as an earlier version would have written it, keeping the
+    COMPLETE marker consistent."""
+    from lrd_dist.train.checkpoint import COMPLETE, TRAINER, sha256_of
+
+    trainer = json.loads((checkpoint / TRAINER).read_text())
+    change(trainer["config"])
+    (checkpoint / TRAINER).write_text(json.dumps(trainer))
+    marker = json.loads((checkpoint / COMPLETE).read_text())
+    marker["files"][TRAINER] = {
+        "bytes": (checkpoint / TRAINER).stat().st_size,
+        "sha256": sha256_of(checkpoint / TRAINER),
+    }
+    (checkpoint / COMPLETE).write_text(json.dumps(marker))
+    return trainer
+
+
 def test_a_checkpoint_older_than_a_config_key_resumes_at_that_keys_default(
     synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
 ) -> None:
     """A key added after the checkpoint was written had its default then: resuming with the default
     is allowed, with another value refused."""
-    from lrd_dist.train.checkpoint import COMPLETE, TRAINER, sha256_of, verify_checkpoint
+    from lrd_dist.train.checkpoint import verify_checkpoint
 
     older = tmp_path / "older"
     shutil.copytree(complete_checkpoints(checkpointed_run / "checkpoints")[-1], older)
-    trainer = json.loads((older / TRAINER).read_text())
-    del trainer["config"]["lrd"]["pair_window"]
-    (older / TRAINER).write_text(json.dumps(trainer))
-    marker = json.loads((older / COMPLETE).read_text())
-    marker["files"][TRAINER] = {
-        "bytes": (older / TRAINER).stat().st_size,
-        "sha256": sha256_of(older / TRAINER),
-    }
-    (older / COMPLETE).write_text(json.dumps(marker))
+    trainer = _rewrite_trainer_config(older, lambda config: config["lrd"].pop("pair_features"))
 
     config = load_config(None, _overrides(synth_with_embeddings, tmp_path / "r", "checkpoint.resume=auto"))
     args = (trainer["data_checksum"], trainer["world_size"], False)
     assert verify_checkpoint(older, config, *args)["state"] == trainer["state"]
-    config.lrd.pair_window = 2
-    with pytest.raises(InputError, match=r"lrd\.pair_window: 0 -> 2"):
+    config.lrd.pair_features = "absdiff"
+    with pytest.raises(InputError, match=r"lrd\.pair_features: 'concat' -> 'absdiff'"):
         verify_checkpoint(older, config, *args)
+
+
+def test_a_checkpoint_of_the_old_layout_resumes_and_removed_options_must_be_neutral(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
+) -> None:
+    """Written before the restructuring: moved keys in their old section, sentinels, and the removed
+    experiment options at their defaults; with a removed option set, refused naming it."""
+    from lrd_dist.train.checkpoint import verify_checkpoint
+
+    def old_layout(config: dict, pair_window: int = 0) -> None:
+        config["model"]["leave_one_latent"] = config["lrd"].pop("leave_one_latent")
+        config["lrd"]["embeddings"] = config["llm"].pop("table") or ""
+        config["lrd"]["shuffle_text"] = config["llm"].pop("shuffle_table")
+        config["kg"]["gamma"] = -1.0
+        config["llm"]["max_length"] = 64  # the old llm default (irrelevant to a frozen table)
+        config["lrd"].update(
+            decoder="official",
+            num_negatives=8,
+            standardize_text=False,
+            pair_window=pair_window,
+            hard_negatives=0.0,
+        )
+
+    config = load_config(None, _overrides(synth_with_embeddings, tmp_path / "r", "checkpoint.resume=auto"))
+    older = tmp_path / "older"
+    shutil.copytree(complete_checkpoints(checkpointed_run / "checkpoints")[-1], older)
+    trainer = _rewrite_trainer_config(older, old_layout)
+    args = (trainer["data_checksum"], trainer["world_size"], False)
+    assert verify_checkpoint(older, config, *args)["state"] == trainer["state"]
+
+    refused = tmp_path / "refused"
+    shutil.copytree(complete_checkpoints(checkpointed_run / "checkpoints")[-1], refused)
+    _rewrite_trainer_config(refused, lambda c: old_layout(c, pair_window=2))
+    with pytest.raises(InputError, match=r"lrd\.pair_window=2: this experiment option was removed"):
+        verify_checkpoint(refused, config, *args)

@@ -3,24 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from lrd_dist.config import load_config
+from lrd_dist.config import DEMO_CONFIG, load_config
 from lrd_dist.errors import InputError
-from lrd_dist.train.loop import train
+from lrd_dist.train.trainer import official_stop, train
+from tests.conftest import small_run
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _overrides(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"data.dir={data}",
-        f"train.out_dir={out}",
-        "data.batch_size=128",
-        "train.log_every=5",
-        "model.emb_size=16",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        *extra,
-    ]
+DEMO = Path(str(DEMO_CONFIG))
 
 
 @pytest.mark.parametrize("name", ["kda", "rcf", "sasrec"])
@@ -28,8 +16,8 @@ def test_training_learns_and_writes_its_run_directory(
     synth_with_embeddings: Path, tmp_path: Path, name: str
 ) -> None:
     config = load_config(
-        CONFIGS / "synth" / "kda_lrd.yaml",
-        _overrides(
+        DEMO,
+        small_run(
             synth_with_embeddings,
             tmp_path,
             f"model.name={name}",
@@ -51,14 +39,15 @@ def test_training_learns_and_writes_its_run_directory(
     if name != "sasrec":
         # the synthetic config's q covers the 3 latent slots only (lrd.slots=latent)
         assert "lrd_usage" in steps[-1] and len(steps[-1]["lrd_usage"]) == 3
-        assert 0 <= results["relation_discovery"]["nmi"] <= 1
-        assert len(results["relation_discovery"]["usage"]) == 3
+        discovery = results["relation_discovery"]
+        assert len(discovery["usage"]) == 3 and sum(discovery["usage"]) == pytest.approx(1.0)
+        assert 0 <= discovery["nmi"] <= 1 and discovery["pairs"] > 0
 
 
 def test_early_stopping_keeps_the_best_epoch(synth_with_embeddings: Path, tmp_path: Path) -> None:
     config = load_config(
         None,
-        _overrides(synth_with_embeddings, tmp_path, "train.lr=0.5", "train.epochs=30", "train.patience=2"),
+        small_run(synth_with_embeddings, tmp_path, "train.lr=0.5", "train.epochs=30", "train.patience=2"),
     )
     results = train(config)
     assert results["epochs_run"] <= results["best_epoch"] + 3
@@ -71,8 +60,8 @@ def test_compiled_scoring_gives_the_metrics_of_eager_scoring(
     results = {}
     for compiled in (False, True):
         config = load_config(
-            CONFIGS / "synth" / "kda_lrd.yaml",
-            _overrides(
+            DEMO,
+            small_run(
                 synth_with_embeddings,
                 tmp_path / str(compiled),
                 "train.epochs=1",
@@ -87,92 +76,29 @@ def test_compiled_scoring_gives_the_metrics_of_eager_scoring(
     assert results[True]["test"]["NDCG@10"] > 0  # scored something
 
 
-def test_config_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no_such_key"):
-        load_config(None, ["train.no_such_key=1"])
-    with pytest.raises(InputError, match="latent_relations"):
-        load_config(None, ["lrd.enabled=true"])
-    with pytest.raises(InputError, match="leave_one_latent"):
-        load_config(None, ["lrd.slots=latent", "model.leave_one_latent=true"])
-    with pytest.raises(InputError, match="pair_features"):
-        load_config(None, ["lrd.pair_features=product"])
-    with pytest.raises(InputError, match="decoder_text"):
-        load_config(None, ["lrd.decoder_text=true", "llm.mode=lora"])
-    with pytest.raises(InputError, match="pair_window"):
-        load_config(None, ["lrd.pair_window=-1"])
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {name: gru}\n")
-    with pytest.raises(InputError, match=r"model\.name"):
-        load_config(bad)
-
-
 def test_embeddings_of_another_catalog_are_refused(
     synth_with_embeddings: Path, tmp_path: Path, rechorus_dir: Path
 ) -> None:
     from lrd_dist.cli import main
 
-    assert (
-        main(
-            [
-                "prepare",
-                "--source",
-                "rechorus",
-                "--input",
-                str(rechorus_dir),
-                "--out",
-                str(tmp_path / "toyds"),
-            ]
-        )
-        == 0
-    )
+    toy = tmp_path / "toyds"
+    assert main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(toy)]) == 0
     config = load_config(
-        CONFIGS / "synth" / "kda_lrd.yaml",
-        _overrides(
+        DEMO,
+        small_run(
             tmp_path / "toyds",
             tmp_path / "run",
-            f"lrd.embeddings={synth_with_embeddings / 'item_embeddings.safetensors'}",
+            f"llm.table={synth_with_embeddings / 'item_embeddings.safetensors'}",
         ),
     )
     with pytest.raises(InputError, match="another catalog"):
         train(config)
 
 
-def test_relation_report_shows_pairs_usage_and_heatmap(synth_with_embeddings: Path, tmp_path: Path) -> None:
-    from lrd_dist.cli import main
-    from lrd_dist.data.catalog import Catalog
-
-    train(
-        load_config(
-            CONFIGS / "synth" / "kda_lrd.yaml",
-            _overrides(
-                synth_with_embeddings, tmp_path, "train.epochs=1", "model.latent_relations=2", "lrd.slots=all"
-            ),
-        )
-    )
-    assert main(["relations", "--run", str(tmp_path), "--top", "3"]) == 0
-    page = (tmp_path / "relations" / "index.html").read_text()
-    for figure in ("usage.png", "heatmap.png"):
-        assert (tmp_path / "relations" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f'src="{figure}"' in page
-    names = ["virtual", "rel:co_view", "attr:category", "attr:brand", "latent:0", "latent:1"]
-    assert [line.split(":")[0] for line in page.split("<h2>")[1:]] == [n.split(":")[0] for n in names]
-    assert page.count('<td class="q">') == 3 * len(names)
-    texts = Catalog.read(synth_with_embeddings / "catalog.parquet").texts.to_pylist()
-    assert sum(text in page for text in texts) >= 3
-
-
-def test_relation_report_refuses_a_run_without_lrd(synth_with_embeddings: Path, tmp_path: Path) -> None:
-    from lrd_dist.evaluation.report import relation_report
-
-    train(load_config(None, _overrides(synth_with_embeddings, tmp_path, "train.epochs=1")))
-    with pytest.raises(InputError, match="no LRD module"):
-        relation_report(tmp_path)
-
-
 def test_latent_only_relations_cover_the_latent_slots(synth_with_embeddings: Path, tmp_path: Path) -> None:
     config = load_config(
-        CONFIGS / "synth" / "kda_lrd.yaml",
-        _overrides(
+        DEMO,
+        small_run(
             synth_with_embeddings, tmp_path, "train.epochs=1", "model.latent_relations=3", "lrd.slots=latent"
         ),
     )
@@ -184,8 +110,6 @@ def test_latent_only_relations_cover_the_latent_slots(synth_with_embeddings: Pat
 
 
 def test_official_stop_rule() -> None:
-    from lrd_dist.train.loop import official_stop
-
     rising = [0.1 + 0.01 * i for i in range(30)]
     assert not official_stop(rising)  # still improving at 30 evaluations
     flat_tail = [*rising[:20], 0.3, 0.3, 0.29, 0.28, 0.28]

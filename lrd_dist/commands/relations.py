@@ -9,6 +9,7 @@ predefined relations that hold between the two items (the paper's analysis). Wri
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -17,16 +18,14 @@ import matplotlib
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from safetensors.torch import load_file
 
 from lrd_dist.config import load_config
 from lrd_dist.data.catalog import Catalog
-from lrd_dist.data.format import CATALOG, Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.errors import InputError
-from lrd_dist.models import build_model, load_weights
+from lrd_dist.run import build_run, load_trained_weights
+from lrd_dist.train.backend import select_attention
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -50,31 +49,38 @@ td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;font-size:14p
 )
 
 
+HELP = "HTML/PNG report of the relations an LRD run discovered (usage, heatmap, confident pairs)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run directory of lrd-dist train")
+    parser.add_argument("--top", type=int, default=10, help="pairs shown per relation")
+
+
+def run(args: argparse.Namespace) -> None:
+    print(f"wrote {relation_report(args.run, top=args.top)}")
+
+
 @torch.inference_mode()
-def relation_report(run: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
-    run = Path(run)
+def relation_report(run_dir: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
+    run_dir = Path(run_dir)
     for name in ("config.yaml", "best.safetensors"):
-        if not (run / name).is_file():
-            raise InputError(run / name, "missing", "pass the run directory of a finished `lrd-dist train`")
-    config = load_config(run / "config.yaml")
+        if not (run_dir / name).is_file():
+            raise InputError(
+                run_dir / name, "missing", "pass the run directory of a finished `lrd-dist train`"
+            )
+    config = load_config(run_dir / "config.yaml")
     if not config.lrd.enabled:
         raise InputError(
-            run / "config.yaml", "this run has no LRD module", "pick a run with lrd.enabled=true"
+            run_dir / "config.yaml", "this run has no LRD module", "pick a run with lrd.enabled=true"
         )
-    data = Path(config.data.dir)
-    manifest = Manifest.load(data)
-    catalog = Catalog.read(data / CATALOG)
+    trained = build_run(config, select_attention(config.model.fused_attention))
+    load_trained_weights(trained, run_dir / "best.safetensors", run_dir / "config.yaml")
+    model, catalog, graph, data = trained.model, trained.catalog, trained.graph, trained.data_dir
     texts = catalog.texts.to_pylist()
-    graph = KnowledgeGraph(catalog, latent=config.model.latent_relations)
-    model = build_model(config, manifest.num_users, graph, build_item_text(config, catalog))
-    misfit = load_weights(model, load_file(str(run / "best.safetensors")))
-    if misfit:
-        raise InputError(
-            run / "best.safetensors", f"does not fit the run's config ({misfit})", "re-run training"
-        )
     model.eval()
 
-    heads, tails = _distinct_pairs(data, config.data.max_history, manifest.num_items, max_pairs)
+    heads, tails = _distinct_pairs(data, config.data.max_history, trained.manifest.num_items, max_pairs)
     q = torch.cat(
         [
             model.relation_distribution(
@@ -85,7 +91,7 @@ def relation_report(run: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
     ).numpy()
     winner = q.argmax(1)
     names = graph.slots.names()[model.lrd_first_slot :]
-    out = run / "relations"
+    out = run_dir / "relations"
     out.mkdir(exist_ok=True)
     _usage_figure(names, np.bincount(winner, minlength=len(names)), out / "usage.png")
     predefined, labels = _predefined_relations(catalog, graph, heads, tails)
@@ -120,7 +126,7 @@ def relation_report(run: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
             }
         )
     page = out / "index.html"
-    page.write_text(PAGE.render(run=str(run), pairs=len(heads), slots=slots))
+    page.write_text(PAGE.render(run=str(run_dir), pairs=len(heads), slots=slots))
     return page
 
 

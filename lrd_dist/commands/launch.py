@@ -19,6 +19,10 @@ from pathlib import Path
 
 from lrd_dist.train.preemption import PREEMPTED_FILE_ENV, REQUEUE_EXIT_CODE
 
+HELP = (
+    "accelerate launch with signal forwarding and a requeue exit code: "
+    "lrd-dist launch [accelerate launch options] -- train --config ..."
+)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 USAGE = "usage: lrd-dist launch [accelerate launch options] -- COMMAND [ARGS] (e.g. -- train --config FILE)"
 

@@ -1,0 +1,8 @@
+"""The ``lrd-dist`` commands, one module each, in the order ``lrd-dist --help`` lists them.
+
+Each module has ``HELP`` (its one line in ``--help``), ``add_arguments(parser)`` and
+``run(args)``. Every command validates its input at this boundary: an ``InputError`` is printed as
+one line naming the file, the line or record and the fix, and the exit code is 2.
+"""
+
+COMMANDS = ("demo", "prepare", "synth", "verify", "embed", "train", "launch", "export", "eval", "relations")

@@ -1,0 +1,73 @@
+"""The config tree: typed choices refused with the allowed values, relations between keys,
+configs of earlier versions upgraded, every key documented and printed by --help-config."""
+
+from pathlib import Path
+
+import pytest
+
+from lrd_dist.cli import main
+from lrd_dist.config import config_keys, load_config
+from lrd_dist.errors import InputError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no_such_key"):
+        load_config(None, ["train.no_such_key=1"])
+    with pytest.raises(InputError, match="latent_relations"):
+        load_config(None, ["lrd.enabled=true"])
+    with pytest.raises(InputError, match="leave_one_latent"):
+        load_config(None, ["lrd.slots=latent", "lrd.leave_one_latent=true"])
+    with pytest.raises(InputError, match=r"pair_features.*expected one of \['concat', 'absdiff'\]"):
+        load_config(None, ["lrd.pair_features=product"])
+    with pytest.raises(InputError, match="decoder_text"):
+        load_config(
+            None, ["lrd.decoder_text=true", "llm.mode=lora", "lrd.enabled=true", "model.latent_relations=1"]
+        )
+    with pytest.raises(InputError, match=r"eval\.metric='NDCG@7'"):
+        load_config(None, ["eval.metric=NDCG@7"])
+    with pytest.raises(InputError, match=r"kg\.gamma"):
+        load_config(None, ["kg.gamma=often"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: gru}\n")
+    with pytest.raises(InputError, match=r"model\.name.*expected one of \['kda', 'rcf', 'sasrec'\]"):
+        load_config(bad)
+
+
+def test_a_config_of_the_old_layout_loads_and_a_removed_option_is_refused(tmp_path: Path, caplog) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "model: {name: kda, latent_relations: 8, leave_one_latent: true}\n"
+        "lrd: {enabled: true, decoder: official, pair_window: 0, embeddings: ''}\n"
+        "kg: {gamma: -1.0}\ntrain: {max_steps: 0}\ncheckpoint: {resume: ''}\n"
+    )
+    config = load_config(old)
+    assert config.lrd.leave_one_latent and config.kg.gamma == "auto" and config.llm.table is None
+    assert config.train.max_steps is None and config.checkpoint.resume == "never"
+    assert "model.leave_one_latent is now lrd.leave_one_latent" in caplog.text
+    with pytest.raises(InputError, match=r"lrd\.hard_negatives=0\.5: this experiment option was removed"):
+        load_config(old, ["lrd.hard_negatives=0.5"])
+
+
+def test_every_key_has_a_meaning_and_help_config_prints_them_all(capsys) -> None:
+    keys = config_keys()
+    undocumented = [key for key, _, _, meaning in keys if len(meaning) < 10]
+    assert not undocumented
+    assert main(["train", "--help-config"]) == 0
+    printed = capsys.readouterr().out
+    for key, _, _, meaning in keys:
+        assert f"{key} (" in printed and meaning in printed
+    assert "kg.gamma (float | Literal['auto'], default 'auto')" in printed
+    assert len(keys) == len({key for key, *_ in keys}) > 60
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_passes_validation_and_says_how_to_run_it(config: Path) -> None:
+    """A shipped config that contradicts itself (e.g. leave_one_latent with latent-only slots) fails here."""
+    loaded = load_config(config)
+    assert loaded.train.out_dir and loaded.data.batch_size > 0
+    head = [line.lower() for line in config.read_text().splitlines() if line.startswith("#")]
+    assert any("lrd-dist train --config" in line for line in head) and any(
+        "validated" in line for line in head
+    )
