@@ -151,7 +151,13 @@ class TrainConfig:
         "(ties improve; stop after 20+ epochs when the last 5 are non-increasing or the best is 20 old)",
     )
     patience: int = option(5, "early_stop=patience: evaluations without improvement before stopping")
-    negatives: Literal["history", "official"] = option(
+    loss: Literal["bpr", "sampled_softmax", "full_softmax"] = option(
+        "bpr",
+        "recommendation loss: BPR of the target against each negative (official) | softmax over the "
+        "target and its num_negatives negatives | softmax over every item (SASRec only)",
+    )
+    num_negatives: int = option(1, "sampled negatives per training row (bpr averages over them)")
+    negative_rule: Literal["history", "official"] = option(
         "history",
         "training negatives avoid the target and history window; official: every item of the user, "
         "dev and test included (the authors' setting; leaks them)",
@@ -221,6 +227,7 @@ MOVED = {
     "model.leave_one_latent": "lrd.leave_one_latent",
     "lrd.embeddings": "llm.table",
     "lrd.shuffle_text": "llm.shuffle_table",
+    "train.negatives": "train.negative_rule",
 }
 # experiment options that were removed (docs/experiments.md), with the value that made them a no-op
 REMOVED = {
@@ -337,8 +344,16 @@ def validate(config: RunConfig, where: str | Path) -> None:
         "checkpoint.keep": config.checkpoint.keep,
         "checkpoint.every_steps": config.checkpoint.every_steps or 1,
         "train.max_steps": config.train.max_steps or 1,
+        "train.num_negatives": config.train.num_negatives,
     }
     problems += [(f"{key}={value}", "use 1 or more") for key, value in positive.items() if value < 1]
+    if config.train.loss == "full_softmax" and config.model.name != "sasrec":
+        problems.append(
+            (
+                "train.loss=full_softmax with a relational model",
+                "use sampled_softmax: RCF/KDA score each item apart",
+            )
+        )
     if config.model.emb_size % config.model.num_heads:
         problems.append(("model.emb_size is not a multiple of model.num_heads", "change one of them"))
     name, _, k = config.eval.metric.partition("@")

@@ -92,6 +92,7 @@ def build_run(
 
 
 CONFIG_KEY = "lrd_dist.config"  # the run config (YAML) in a weight file's safetensors metadata
+BEST_WEIGHTS = "best.safetensors"  # a run's best dev weights (train/checkpoint.py writes it)
 
 
 def stored_config(weights: Path) -> dict | None:
@@ -116,6 +117,46 @@ def load_trained_weights(run: Run, weights: Path, config_source: str | Path) -> 
         )
 
 
+def load_trained(
+    run_dir: Path | None = None,
+    weights: Path | None = None,
+    config_path: Path | None = None,
+    overrides: list[str] | None = None,
+    attention: SlotAttention = torch_slot_attention,
+) -> Run:
+    """A trained model ready to score: a run directory (its config.yaml and best.safetensors), or
+    a weight file with ``--config`` or the config it carries (``lrd-dist export``)."""
+    from lrd_dist.config import load_config
+
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        for name in ("config.yaml", BEST_WEIGHTS):
+            if not (run_dir / name).is_file():
+                raise InputError(
+                    run_dir / name, "missing", "pass the run directory of a finished `lrd-dist train`"
+                )
+        weights, config_path = run_dir / BEST_WEIGHTS, run_dir / "config.yaml"
+    if weights is None:
+        raise InputError(
+            "command line", "no model given", "pass --run DIR, or --weights FILE [--config FILE]"
+        )
+    if not Path(weights).is_file():
+        raise InputError(
+            weights, "no such weights file", "pass best.safetensors of a run, or lrd-dist export's output"
+        )
+    if config_path is None:
+        stored = stored_config(weights)
+        if stored is None:
+            raise InputError(weights, "carries no run config", "pass --config with the run's config.yaml")
+        config = load_config(weights, overrides, tree=stored)
+    else:
+        config = load_config(config_path, overrides)
+    run = build_run(config, attention)
+    load_trained_weights(run, weights, config_path or weights)
+    run.model.eval()
+    return run
+
+
 def build_model(
     config: RunConfig,
     num_users: int,
@@ -135,7 +176,7 @@ def build_model(
             model.num_heads,
             model.dropout,
         )
-        return Recommender(backbone)
+        return Recommender(backbone, loss=config.train.loss)
     backbone = RelationalRecommender(
         num_users=num_users,
         num_items=graph.num_items,
@@ -163,4 +204,6 @@ def build_model(
             config.lrd.decoder_text,
         )
     first_slot = 0 if config.lrd.slots == "all" else graph.slots.predefined
-    return Recommender(backbone, lrd, item_text if config.lrd.enabled else None, first_slot)
+    return Recommender(
+        backbone, lrd, item_text if config.lrd.enabled else None, first_slot, config.train.loss
+    )

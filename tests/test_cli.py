@@ -40,7 +40,7 @@ def test_help_lists_every_command_with_one_line(capsys) -> None:
     printed = capsys.readouterr().out
     listed = [line.split()[0] for line in printed.splitlines() if line.startswith("    ") and line.split()]
     assert [name for name in listed if name in COMMANDS] == list(COMMANDS)
-    assert len(COMMANDS) == 10
+    assert len(COMMANDS) == 11
 
 
 def test_prepare_and_training_agree_on_the_history_length() -> None:

@@ -27,6 +27,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         )
     with pytest.raises(InputError, match=r"eval\.metric='NDCG@7'"):
         load_config(None, ["eval.metric=NDCG@7"])
+    with pytest.raises(InputError, match=r"train\.loss=full_softmax with a relational model"):
+        load_config(None, ["train.loss=full_softmax", "model.name=kda"])
+    with pytest.raises(InputError, match=r"train\.num_negatives=0"):
+        load_config(None, ["train.num_negatives=0"])
     with pytest.raises(InputError, match=r"kg\.gamma"):
         load_config(None, ["kg.gamma=often"])
     bad = tmp_path / "bad.yaml"

@@ -5,4 +5,16 @@ Each module has ``HELP`` (its one line in ``--help``), ``add_arguments(parser)``
 one line naming the file, the line or record and the fix, and the exit code is 2.
 """
 
-COMMANDS = ("demo", "prepare", "synth", "verify", "embed", "train", "launch", "export", "eval", "relations")
+COMMANDS = (
+    "demo",
+    "prepare",
+    "synth",
+    "verify",
+    "embed",
+    "train",
+    "launch",
+    "export",
+    "eval",
+    "relations",
+    "recommend",
+)

@@ -4,6 +4,7 @@ A dataset directory holds::
 
     manifest.json          schema version, source, counts, shard list with sample counts and sha256
     catalog.parquet        one row per item: item_id, source_id, text, attr_* ids, rel_* id lists
+    users.parquet          one row per user: user_id, source_id (the id in the source data)
     train/ dev/ test/      WebDataset tar shards of sequence samples
     planted_pairs.parquet  (synthetic data only) the hidden relation graph
 
@@ -26,6 +27,7 @@ from lrd_dist.errors import InputError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CATALOG = "catalog.parquet"
+USERS = "users.parquet"
 PLANTED_PAIRS = "planted_pairs.parquet"
 SPLITS = ("train", "dev", "test")
 

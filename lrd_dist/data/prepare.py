@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lrd_dist.data.catalog import Catalog
-from lrd_dist.data.format import CATALOG, SPLITS, Manifest
+from lrd_dist.data.format import CATALOG, SPLITS, USERS, Manifest
 from lrd_dist.data.sequences import (
     DEV,
     SPLIT_NAMES,
@@ -73,6 +73,17 @@ def repeated_negative_rows(negatives: np.ndarray) -> int:
     return int((ordered[:, 1:] == ordered[:, :-1]).any(axis=1).sum())
 
 
+def write_users(path: Path, interactions: Interactions) -> None:
+    """user_id -> the source's id, so that recommendations and user vectors name users as the
+    source did (datasets without it fall back to the dense id)."""
+    count = int(interactions.user.max(initial=0))
+    ids = interactions.user_source_ids
+    source = [str(i) for i in range(1, count + 1)] if ids is None else [str(i) for i in ids.tolist()]
+    pq.write_table(
+        pa.table({"user_id": pa.array(np.arange(1, count + 1, dtype=np.int64)), "source_id": source}), path
+    )
+
+
 def write_dataset(
     out: Path,
     *,
@@ -99,6 +110,7 @@ def write_dataset(
     rng = np.random.default_rng(seed)
     with atomic_directory(out, overwrite) as staging:
         catalog.write(staging / CATALOG)
+        write_users(staging / USERS, interactions)
         for name, table in (extra_tables or {}).items():
             pq.write_table(table, staging / name)
         ordered = order_and_split(interactions)

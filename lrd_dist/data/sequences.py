@@ -31,6 +31,8 @@ class Interactions:
     negatives: dict[int, np.ndarray] = field(default_factory=dict)
     negative_row: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # the source's id of each dense user id 1..U (index 0 is user 1); None: the dense id itself
+    user_source_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user)

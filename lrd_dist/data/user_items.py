@@ -6,7 +6,7 @@ Two protocols need more of a user's past than the history window a sample stores
 - full-ranking evaluation removes from the ranking *every* item the user interacted with before
   the target (RecBole, generative-recommenders), not only the last ``max_history`` ones;
 - the official LRD/ReChorus training negatives reject every item of the user, dev and test items
-  included (a leak this project avoids by default; ``train.negatives=official`` reproduces it).
+  included (a leak this project avoids by default; ``train.negative_rule=official`` reproduces it).
 
 The index is rebuilt from the shards in one streaming pass (no extra file in the dataset): the
 targets of all samples, plus each user's first item, which is no sample's target but is the first
@@ -99,6 +99,16 @@ class UserItems:
         for row in np.flatnonzero(split_stop > split_start):  # eval splits hold one or few rows per user
             segment = self.time[split_start[row] : split_stop[row]]
             stop[row] += np.searchsorted(segment, times[row], side="left")
+        counts = stop - start
+        rows = np.repeat(np.arange(len(users)), counts)
+        index = np.repeat(start - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())
+        return torch.from_numpy(rows), torch.from_numpy(self.item[index].astype(np.int64))
+
+    def everything(self, user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, item) pairs: every item row b's user ever had, in any split."""
+        users = user.cpu().numpy().astype(np.int64)
+        start = np.searchsorted(self.group, users * len(SPLITS), side="left")
+        stop = np.searchsorted(self.group, (users + 1) * len(SPLITS), side="left")
         counts = stop - start
         rows = np.repeat(np.arange(len(users)), counts)
         index = np.repeat(start - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())

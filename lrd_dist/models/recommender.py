@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrd_dist.models.losses import bpr, distmult
+from lrd_dist.models.losses import bpr, distmult, softmax_cross_entropy
 from lrd_dist.models.lrd import LatentRelationDiscovery
 from lrd_dist.models.relational import RelationalRecommender
 from lrd_dist.models.sasrec import SASRec
@@ -24,6 +24,7 @@ class Recommender(nn.Module):
         lrd: LatentRelationDiscovery | None = None,
         item_text: nn.Module | None = None,
         lrd_first_slot: int = 0,
+        loss: str = "bpr",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -32,6 +33,9 @@ class Recommender(nn.Module):
         self.item_text = item_text
         # q(r | h, i) covers relation slots lrd_first_slot.. (0: all slots, official; or only latent)
         self.lrd_first_slot = lrd_first_slot
+        # bpr: the target against each negative (official) | sampled_softmax: the target among its
+        # negatives | full_softmax: among every item (SASRec: one matrix product)
+        self.loss = loss
 
     @property
     def relational(self) -> bool:
@@ -47,6 +51,24 @@ class Recommender(nn.Module):
             candidates=candidates,
         )
 
+    def recommendation_loss(self, batch: dict[str, torch.Tensor], negatives: torch.Tensor) -> torch.Tensor:
+        valid, target = batch["valid"], batch["target"]
+        if self.loss == "full_softmax":
+            logits = self.backbone.score_all_items(batch["history_items"], batch["history_length"])
+            logits = logits.masked_fill(
+                torch.arange(logits.shape[1], device=logits.device) == 0, float("-inf")
+            )
+            return softmax_cross_entropy(logits, target, valid)
+        if negatives.dim() == 1:  # one negative: the official pairwise loss
+            scores = self.score(batch, torch.stack([target, negatives], dim=1))
+            return bpr(scores[:, 0], scores[:, 1], valid)
+        scores = self.score(batch, torch.cat([target[:, None], negatives], dim=1))  # [B, 1 + N]
+        if self.loss == "sampled_softmax":
+            return softmax_cross_entropy(scores, torch.zeros_like(target), valid)
+        pairwise = -torch.nn.functional.logsigmoid(scores[:, :1] - scores[:, 1:]).mean(1)  # bpr, N negatives
+        weight = valid.to(pairwise.dtype)
+        return (pairwise * weight).sum() / weight.sum().clamp(min=1)
+
     def relation_distribution(self, heads: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
         """q(r | h, i) for [N] (history item, target) pairs -> [N, R]. Both sides go through the
         text encoder in one call, so an item in both is encoded once."""
@@ -56,14 +78,13 @@ class Recommender(nn.Module):
     def forward(
         self,
         batch: dict[str, torch.Tensor],
-        negatives: torch.Tensor,  # [B] one recommendation negative per row
+        negatives: torch.Tensor,  # [B] one recommendation negative per row, or [B, N]
         lrd_negatives: torch.Tensor | None = None,  # [B, H] one reconstruction negative per position
         kg: dict[str, torch.Tensor] | None = None,  # sampled triples (KnowledgeGraph.sample)
         lrd_pairs: torch.Tensor | None = None,  # [B, H] bool: the pairs the LRD loss uses (default all)
     ) -> dict[str, torch.Tensor]:
         valid = batch["valid"]
-        scores = self.score(batch, torch.stack([batch["target"], negatives], dim=1))
-        out = {"rec": bpr(scores[:, 0], scores[:, 1], valid)}
+        out = {"rec": self.recommendation_loss(batch, negatives)}
         if not self.relational:
             return out
         entities = self.backbone.entity_embeddings

@@ -36,13 +36,21 @@ class SASRec(nn.Module):
         history_length: torch.Tensor,
         candidates: torch.Tensor,
         **_: torch.Tensor,
-    ) -> torch.Tensor:
-        """Histories are right-padded: the state at position length-1 summarises the sequence."""
+    ) -> torch.Tensor:  # [B, C]
+        return (
+            self.user_state(history_items, history_length)[:, None, :] * self.item_embeddings(candidates)
+        ).sum(-1)
+
+    def score_all_items(self, history_items: torch.Tensor, history_length: torch.Tensor) -> torch.Tensor:
+        """[B, num_items + 1] scores of every item id (column 0 is the padding id): one GEMM."""
+        return self.user_state(history_items, history_length) @ self.item_embeddings.weight.T
+
+    def user_state(self, history_items: torch.Tensor, history_length: torch.Tensor) -> torch.Tensor:
+        """[B, V]. Histories are right-padded: the state at position length-1 summarises the sequence."""
         steps = history_items.shape[1]
         positions = torch.arange(steps, device=history_items.device)
         x = self.item_embeddings(history_items) + self.position_embeddings(positions)[None]
         causal = torch.triu(torch.ones(steps, steps, dtype=torch.bool, device=x.device), diagonal=1)
         padding = positions[None, :] >= history_length[:, None].clamp(min=1)
         hidden = self.norm(self.encoder(self.dropout(x), mask=causal, src_key_padding_mask=padding))
-        last = hidden[torch.arange(len(history_items)), (history_length - 1).clamp(min=0)]
-        return (last[:, None, :] * self.item_embeddings(candidates)).sum(-1)
+        return hidden[torch.arange(len(history_items)), (history_length - 1).clamp(min=0)]

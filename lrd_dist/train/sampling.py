@@ -24,7 +24,7 @@ class TrainingSampler:
         self.config = config
         self.graph = graph
         self.use_kg = use_kg
-        self.known = known  # train.negatives=official: reject every item of the user
+        self.known = known  # train.negative_rule=official: reject every item of the user
         self.rng = np.random.default_rng([config.train.seed, rank])
         self.generator = torch.Generator().manual_seed(config.train.seed * 1009 + rank)
 
@@ -40,7 +40,9 @@ class TrainingSampler:
         """Inputs for ``Recommender.forward`` besides the batch, on the CPU."""
         num_items = self.graph.num_items
         rows = len(batch["user"])
-        negatives = draw_uniform_negatives(batch, (rows,), num_items, self.generator, known=self.known)
+        count = self.config.train.num_negatives
+        shape = (rows,) if count == 1 and self.config.train.loss == "bpr" else (rows, count)
+        negatives = draw_uniform_negatives(batch, shape, num_items, self.generator, known=self.known)
         lrd_negatives = lrd_pairs = None
         if self.config.lrd.enabled:
             shape = tuple(batch["history_items"].shape)

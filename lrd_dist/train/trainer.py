@@ -122,7 +122,7 @@ class Trainer:
         self.forward_only = self.core.item_text if self.live_encoder else None
 
         # every item of each user: full-ranking masks and the official negatives
-        need_known = config.eval.full_ranking or config.train.negatives == "official"
+        need_known = config.eval.full_ranking or config.train.negative_rule == "official"
         self.known = UserItems.from_dataset(run.data_dir) if need_known else None
         self.kg_weight = run.kg_weight
         self.sampler = TrainingSampler(
@@ -130,7 +130,7 @@ class Trainer:
             run.graph,
             self.kg_weight > 0,
             rank,
-            self.known if config.train.negatives == "official" else None,
+            self.known if config.train.negative_rule == "official" else None,
         )
         with backend.full_parameters(self.core, trainable_only=True):
             self.parameters = sum(p.numel() for p in self.core.parameters() if p.requires_grad)

@@ -2,6 +2,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lrd_dist.data.sources.amazon import load_amazon
@@ -93,6 +94,11 @@ def test_amazon_2014(tmp_path: Path) -> None:
     assert [source[j - 1] for j in substitute] == [ASINS[3]]
     # ids by first appearance in time: U0's first review is the earliest
     assert interactions.user[interactions.time.argmin()] == 1
+    # the source's user ids travel with the dense ids (users.parquet names users by them)
+    names = interactions.user_source_ids
+    assert len(names) == interactions.user.max() and names[0] == "U0"
+    first = interactions.user[np.flatnonzero(interactions.time == interactions.time.min())[0]]
+    assert names[first - 1] == "U0"
 
 
 def test_amazon_2018(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from lrd_dist.data.catalog import Catalog
@@ -65,6 +66,9 @@ def test_ml100k_leave_one_out_and_sampled_negatives(tmp_path: Path) -> None:
         max_history=20,
     )
     assert manifest.samples == {"train": 30 * 9, "dev": 30, "test": 30}  # 12 - first - dev - test
+    users = pq.read_table(tmp_path / "out" / "users.parquet").to_pylist()
+    assert [u["source_id"] for u in users] == [str(u) for u in sorted({r[0] for r in rows})]  # GroupLens ids
+    assert [u["user_id"] for u in users] == list(range(1, 31))
 
     by_user: dict[int, list[tuple[int, int]]] = {}
     for u, i, _, t in rows:

@@ -198,3 +198,33 @@ def test_scoring_candidates_in_blocks_changes_no_score(temporal: bool, monkeypat
     blocked = model(**arguments, candidates=candidates)
     assert whole.shape == blocked.shape == (4, 25)
     torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)
+
+
+def test_recommendation_losses_equal_their_definitions() -> None:
+    """bpr with one negative (official), bpr averaged over N, softmax over the target and N sampled
+    negatives, and SASRec's softmax over every item; loader padding rows do not count."""
+    import torch.nn.functional as F
+
+    batch = toy_batch()
+    batch["valid"] = torch.tensor([True, True, True, False])
+    negatives = torch.randint(1, 31, (4, 5), generator=torch.Generator().manual_seed(3))
+    backbone = toy_relational(temporal=True)
+    for parameter in backbone.parameters():
+        torch.nn.init.normal_(parameter, 0.0, 0.3)
+    kept = batch["valid"]
+    scores = Recommender(backbone).score(batch, torch.cat([batch["target"][:, None], negatives], 1))[kept]
+    one = Recommender(backbone, loss="bpr").recommendation_loss(batch, negatives[:, 0])
+    torch.testing.assert_close(one, -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean())
+    several = Recommender(backbone, loss="bpr").recommendation_loss(batch, negatives)
+    torch.testing.assert_close(several, -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean())
+    sampled = Recommender(backbone, loss="sampled_softmax").recommendation_loss(batch, negatives)
+    torch.testing.assert_close(sampled, F.cross_entropy(scores, torch.zeros(3, dtype=torch.long)))
+
+    torch.manual_seed(0)
+    sasrec = SASRec(num_items=30, max_history=6, emb_size=16, num_layers=1, num_heads=2, dropout=0.0).eval()
+    every = sasrec.score_all_items(batch["history_items"], batch["history_length"])
+    torch.testing.assert_close(
+        every[:, 1:], Recommender(sasrec).score(batch, torch.arange(1, 31).expand(4, -1))
+    )
+    full = Recommender(sasrec, loss="full_softmax").recommendation_loss(batch, negatives)
+    torch.testing.assert_close(full, F.cross_entropy(every[kept, 1:], batch["target"][kept] - 1))

@@ -145,7 +145,7 @@ def load_amazon(
             for a in item_raw
         ]
     )
-    _, user_codes = np.unique(user_raw, return_inverse=True)
+    user_names, user_codes = np.unique(user_raw, return_inverse=True)
     _, item_codes = np.unique(item_raw, return_inverse=True)
     keep = has_text & dedupe(user_codes, item_codes, time)
     keep[keep] = k_core(user_codes[keep], item_codes[keep], min_interactions)
@@ -156,7 +156,7 @@ def load_amazon(
             "lower --min-interactions or use a larger dump",
         )
     time = time[keep]
-    user, _ = ids_by_first_appearance(user_codes[keep], time)
+    user, user_original = ids_by_first_appearance(user_codes[keep], time)
     item, item_original = ids_by_first_appearance(item_codes[keep], time)
     asins = np.unique(item_raw)[item_original]
     id_of = {a: i + 1 for i, a in enumerate(asins.tolist())}
@@ -181,7 +181,9 @@ def load_amazon(
     catalog = Catalog(
         source_ids=pa.array(asins.tolist()), texts=pa.array(texts), attributes=attributes, relations=relations
     )
-    interactions = Interactions(user=user, item=item.astype(np.int32), time=time)
+    interactions = Interactions(
+        user=user, item=item.astype(np.int32), time=time, user_source_ids=user_names[user_original]
+    )
     stats = {
         "raw_reviews": len(keep),
         "kept_reviews": int(keep.sum()),

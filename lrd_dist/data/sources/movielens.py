@@ -144,8 +144,11 @@ def load_movielens(directory: Path, min_interactions: int = 5) -> tuple[Catalog,
     )
     check_texts(catalog.texts, directory / ("u.item" if variant == "ml-100k" else "movies.dat"))
     dense_item = np.searchsorted(kept_movies, item) + 1
-    dense_user = np.searchsorted(np.unique(user), user) + 1
-    interactions = Interactions(user=dense_user, item=dense_item.astype(np.int32), time=time)
+    users = np.unique(user)
+    dense_user = np.searchsorted(users, user) + 1
+    interactions = Interactions(
+        user=dense_user, item=dense_item.astype(np.int32), time=time, user_source_ids=users
+    )
     return (
         catalog,
         interactions,
