@@ -49,12 +49,12 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
     "kda_lrd_official_negatives": (
         "KDA+LRD, official negatives (leak)",
         "kda_lrd.yaml",
-        ["train.negatives=official"],
+        ["train.negative_rule=official"],
     ),
     "rcf_lrd_official_negatives": (
         "RCF+LRD, official negatives (leak)",
         "rcf_lrd.yaml",
-        ["train.negatives=official"],
+        ["train.negative_rule=official"],
     ),
 }
 # The authors' own logs (official repository history, seed 2019, closed 1536-d embeddings, one run)
