@@ -23,6 +23,21 @@ def order_by_score(items: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[t
     return items.gather(1, by_score), scores.gather(1, by_score)
 
 
+def first_k_in_id_order(
+    items: torch.Tensor, scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of a chunk whose item ids ascend along each row, the k best by (score descending, item
+    ascending), in O(chunk): everything above the k-th best score, then the smallest ids tied
+    with it. Returned in id order (``order_by_score`` sorts them)."""
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    needed = k - above.sum(1, keepdim=True)
+    keep = above | (tied & (torch.cumsum(tied, dim=1) <= needed))
+    rows, columns = keep.nonzero(as_tuple=True)  # k per row, in row-major (id) order
+    return items[rows, columns].view(-1, k), scores[rows, columns].view(-1, k)
+
+
 def top_k(
     score_items: Callable[[torch.Tensor], torch.Tensor],
     rows: int,
@@ -54,6 +69,8 @@ def top_k(
         if excluded is not None:
             scores = _exclude(scores, items, excluded_rows, excluded_items, candidates is None, start)
         scores = scores.masked_fill(items == 0, float("-inf"))  # padding of short candidate lists
+        if candidates is None and items.shape[1] > k:
+            items, scores = first_k_in_id_order(items, scores, k)
         merged_items = torch.cat([best_items, items.to(torch.long)], dim=1)
         merged_scores = torch.cat([best_scores, scores], dim=1)
         best_items, best_scores = order_by_score(merged_items, merged_scores, k)
