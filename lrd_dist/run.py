@@ -20,6 +20,7 @@ from lrd_dist.config import RunConfig
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import CATALOG, MANIFEST, Manifest, sha256_of
 from lrd_dist.data.graph import KnowledgeGraph
+from lrd_dist.data.remote import local_view
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.errors import InputError
@@ -81,7 +82,7 @@ class Run:
 def build_run(
     config: RunConfig, attention: SlotAttention = torch_slot_attention, lockstep: bool = False
 ) -> Run:
-    data = Path(config.data.dir)
+    data = local_view(config.data.dir)  # a remote dataset: its small files, fetched once
     manifest = Manifest.load(data)
     catalog = Catalog.read(data / CATALOG)
     relational = config.model.name != "sasrec"

@@ -44,6 +44,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lrd_dist.data.format import ARRAY_FIELDS, SCALAR_FIELDS, Manifest, ShardInfo, sha256_of
+from lrd_dist.data.remote import FetchedShard, local_view, remote_of
 from lrd_dist.data.shards import decode_block
 from lrd_dist.errors import InputError
 
@@ -105,7 +106,8 @@ class SequenceStream(IterableDataset):
         world_size: int = 1,
     ) -> None:
         super().__init__()
-        self.directory = Path(directory)
+        self.directory = local_view(directory)  # remote data: a local view of its small files
+        self.remote = remote_of(self.directory)  # where its shards are fetched from (None: local)
         self.manifest = Manifest.load(self.directory)
         self.split = split
         self.config = config
@@ -193,14 +195,15 @@ class SequenceStream(IterableDataset):
         )
         return False
 
-    def _read_range(self, shard: ShardInfo, start: int, stop: int) -> Iterator[np.ndarray]:
-        """Packed rows of samples [start, stop) of one shard, checked against the manifest."""
+    def _read_range(self, shard: ShardInfo, start: int, stop: int, path: Path) -> Iterator[np.ndarray]:
+        """Packed rows of samples [start, stop) of one shard (read from ``path``), checked against
+        the manifest."""
         block_size = self.manifest.block_size
         first_block = start // block_size
         position = start  # the next sample of the shard this reader must deliver
         expected = first_block
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList([str(self.directory / shard.path)]),
+            wds.SimpleShardList([str(path)]),
             wds.tarfile_to_samples(handler=wds.reraise_exception),
         )
         try:
@@ -248,18 +251,37 @@ class SequenceStream(IterableDataset):
         offset = 0
         for shard in self._shard_order():
             begin, end = max(lo - offset, 0), min(hi - offset, shard.samples)
-            if begin < end and self._check_shard(shard):
-                yield from self._read_range(shard, begin, end)
+            if begin < end:
+                yield from self._read_checked(shard, begin, end)
             offset += shard.samples
             if offset >= hi:
                 return
 
+    def _read_checked(self, shard: ShardInfo, start: int, stop: int) -> Iterator[np.ndarray]:
+        """``_read_range`` of a shard that passed its checks; a remote one is fetched first (and
+        its sha256 always checked) and deleted once read."""
+        if self.remote is None:
+            if self._check_shard(shard):
+                yield from self._read_range(shard, start, stop, self.directory / shard.path)
+            return
+        fetched = FetchedShard(self.remote, shard.path, shard.sha256)
+        try:
+            if fetched.matches:
+                yield from self._read_range(shard, start, stop, fetched.path)
+            else:
+                self._corrupt(
+                    shard,
+                    f"sha256 of the copy fetched from {self.remote} differs from the manifest",
+                    "restore the shard at its location or prepare the dataset again",
+                )
+        finally:
+            fetched.close()
+
     def _template_row(self) -> np.ndarray:
         """A real sample to copy into padding slots when a worker has none of its own."""
         for shard in self.shards:
-            if self._check_shard(shard):
-                for row in self._read_range(shard, 0, 1):
-                    return row
+            for row in self._read_checked(shard, 0, 1):
+                return row
         raise InputError(self.directory, f"no readable {self.split} sample", "prepare the dataset again")
 
     def _batch(self, rows: list[np.ndarray], valid: int) -> dict[str, np.ndarray]:

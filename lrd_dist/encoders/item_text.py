@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from lrd_dist.config import LLMConfig, RunConfig, TextEncoderConfig
 from lrd_dist.data.catalog import Catalog
+from lrd_dist.data.remote import local_view
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.encoders.lora import apply_lora, lora_targets
 from lrd_dist.encoders.text import load_encoder, load_table, pool, tokenize
@@ -145,7 +145,7 @@ def build_item_text(
         return None
     texts = catalog.texts.to_pylist()
     if config.llm.mode == "frozen":
-        path = config.llm.table or Path(config.data.dir) / TABLE_NAME
+        path = config.llm.table or local_view(config.data.dir) / TABLE_NAME
         table, _ = load_table(path, texts)
         if config.llm.shuffle_table:  # ablation: each item gets another item's text vector
             order = torch.randperm(len(table) - 1, generator=torch.Generator().manual_seed(config.train.seed))

@@ -1,0 +1,146 @@
+"""Datasets that live elsewhere: ``data.dir`` as an ``http(s)://`` location, an fsspec URL
+(``s3://``, ``gs://``, ...) or a command (``pipe:...``).
+
+The small files (manifest, catalog, users, the embedding table) are fetched once per process into a
+local *view* directory; the shards are not. ``SequenceStream`` reads the view's ``REMOTE`` file and
+fetches each shard it needs, one at a time, into a temporary file, checks its sha256 against the
+manifest, reads it and deletes it: every rank and worker fetches only the shards of its own range,
+and the splitting, exactly-once and resume rules are those of local data.
+
+A ``pipe:`` location is a command with ``{path}`` where the relative path of a file goes, whose
+standard output is the file, e.g. ``pipe:curl -s -f -L https://host/ds/{path}`` or
+``pipe:aws s3 cp s3://bucket/ds/{path} -``. fsspec URLs need the filesystem's package (s3fs, gcsfs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from lrd_dist.errors import InputError
+
+log = logging.getLogger(__name__)
+REMOTE = "REMOTE"  # in a local view: the location its shards are fetched from
+SMALL_FILES = (
+    "manifest.json",
+    "catalog.parquet",
+    "users.parquet",
+    "item_embeddings.safetensors",
+    "planted_pairs.parquet",
+)
+REQUIRED = ("manifest.json", "catalog.parquet")
+_views: dict[str, Path] = {}
+
+
+def is_remote(location: str | Path) -> bool:
+    text = str(location)
+    return text.startswith("pipe:") or ("://" in text and not text.startswith("file://"))
+
+
+def fetch(location: str, relative: str, destination: Path, timeout: float = 60.0) -> Path:
+    """Copy ``location/relative`` to ``destination``; an InputError naming the URL if it fails."""
+    url = f"{location.rstrip('/')}/{relative}" if not location.startswith("pipe:") else location
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        if location.startswith("pipe:"):
+            command = location[len("pipe:") :].replace("{path}", relative)
+            with open(partial, "wb") as out:
+                done = subprocess.run(
+                    shlex.split(command), stdout=out, stderr=subprocess.PIPE, timeout=timeout * 10
+                )
+            if done.returncode != 0:
+                raise InputError(
+                    command,
+                    f"exited with {done.returncode} ({done.stderr.decode(errors='replace').strip()[:200]})",
+                    "check the command and the location (data.dir=pipe:... with {path})",
+                )
+        elif url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+        else:
+            _fsspec_copy(url, partial)
+    except urllib.error.HTTPError as exc:
+        partial.unlink(missing_ok=True)
+        raise InputError(
+            url, f"HTTP {exc.code} {exc.reason}", "check the URL: data.dir must be the dataset directory"
+        ) from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        partial.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        raise InputError(url, f"unreachable ({reason})", "check the host, the port and the network") from exc
+    except InputError:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(destination)
+    return destination
+
+
+def _fsspec_copy(url: str, destination: Path) -> None:
+    try:
+        import fsspec
+
+        with fsspec.open(url, "rb") as source, open(destination, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+    except ImportError as exc:
+        raise InputError(
+            url, f"no filesystem for this URL ({exc})", "pip install the fsspec backend (s3fs, gcsfs, ...)"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise InputError(url, "not found", "check the URL: data.dir must be the dataset directory") from exc
+
+
+def local_view(location: str | Path) -> Path:
+    """The directory to read a dataset from: ``location`` itself when local, else a local view
+    of its small files (fetched once per process), whose shards are fetched on demand."""
+    if not is_remote(location):
+        return Path(location)
+    key = str(location)
+    if key in _views:
+        return _views[key]
+    view = Path(tempfile.mkdtemp(prefix="lrd-dist-remote-"))
+    for name in SMALL_FILES:
+        try:
+            fetch(key, name, view / name)
+        except InputError:
+            if name in REQUIRED:
+                shutil.rmtree(view, ignore_errors=True)
+                raise
+    (view / REMOTE).write_text(key)
+    log.info(
+        "dataset %s: manifest and catalog fetched into %s; shards are fetched as they are read", key, view
+    )
+    _views[key] = view
+    return view
+
+
+def remote_of(directory: Path) -> str | None:
+    marker = Path(directory) / REMOTE
+    return marker.read_text() if marker.is_file() else None
+
+
+class FetchedShard:
+    """A remote shard in a temporary file while it is read, checked against its sha256."""
+
+    def __init__(self, location: str, relative: str, sha256: str) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="lrd-dist-shard-"))
+        self.path = fetch(location, relative, self.directory / Path(relative).name)
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        self.matches = digest.hexdigest() == sha256
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __del__(self) -> None:  # a reader that stops early (resume, max_steps) still cleans up
+        if os.path.isdir(getattr(self, "directory", "")):
+            self.close()
