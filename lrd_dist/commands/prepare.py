@@ -10,19 +10,52 @@ from pathlib import Path
 from lrd_dist.config import DataConfig
 from lrd_dist.errors import InputError
 
-HELP = "convert a real dataset (ReChorus/LRD layout, MovieLens, Amazon) into WebDataset shards"
-SOURCES = ("rechorus", "movielens", "amazon")
+HELP = (
+    "convert a dataset (ReChorus/LRD, MovieLens, Amazon 2014/2018/2023, any table, Hugging Face) into shards"
+)
+SOURCES = ("rechorus", "movielens", "amazon", "amazon2023", "table", "hf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--input", type=Path, help="source directory (rechorus, movielens)")
-    parser.add_argument("--name", help="rechorus: the <name> of <name>.text / <name>.item2index")
+    parser.add_argument(
+        "--name", help="rechorus: the <name> of <name>.text / <name>.item2index; amazon2023 official: <Cat>"
+    )
     parser.add_argument(
         "--reviews", type=Path, help="amazon: reviews_<Cat>_5.json.gz (2014) or <Cat>_5.json.gz"
     )
     parser.add_argument("--meta", type=Path, help="amazon: meta_<Cat>.json.gz")
     parser.add_argument("--min-interactions", type=int, default=5, help="k of the k-core filter")
+    amazon2023 = parser.add_argument_group(
+        "amazon2023 (--reviews <Cat>.jsonl[.gz], --meta meta_<Cat>.jsonl[.gz])"
+    )
+    amazon2023.add_argument("--split", choices=["loo", "timestamp", "official"], default="loo")
+    amazon2023.add_argument(
+        "--benchmark", type=Path, help="--split official: the directory of <Cat>.train/valid/test.csv"
+    )
+    table = parser.add_argument_group("table and hf: an interaction log and an item table")
+    table.add_argument(
+        "--interactions", help="table: CSV/TSV/Parquet/JSON lines; hf: a hub id, builder or save_to_disk dir"
+    )
+    table.add_argument("--items", type=Path, help="item table: a file, or a save_to_disk directory")
+    table.add_argument("--hf-split", default="train", help="hf: the split that holds the log")
+    table.add_argument("--hf-data-files", nargs="+", help="hf with a builder (parquet, json, csv): its files")
+    table.add_argument("--user-column", default="user_id")
+    table.add_argument("--item-column", default="item_id", help="the item id, in the log")
+    table.add_argument("--time-column", default="timestamp")
+    table.add_argument(
+        "--time-unit", choices=["auto", "s", "ms", "iso"], default="auto", help="auto: from the magnitude"
+    )
+    table.add_argument("--item-id-column", default="item_id", help="the item id, in the item table")
+    table.add_argument("--text-column", default="text")
+    table.add_argument("--text-template", help='item text over item-table columns, e.g. "{title} by {brand}"')
+    table.add_argument(
+        "--attribute-columns", nargs="*", default=[], help="item-table columns of attribute values"
+    )
+    table.add_argument(
+        "--relation-columns", nargs="*", default=[], help="item-table columns listing related item ids"
+    )
     add_write_options(parser)
 
 
@@ -54,12 +87,48 @@ def run(args: argparse.Namespace) -> None:
 
         need(args, "input")
         catalog, interactions, stats = load_movielens(args.input, args.min_interactions)
-    else:
+    elif args.source == "amazon":
         from lrd_dist.data.sources.amazon import load_amazon
 
         need(args, "reviews")
         need(args, "meta")
         catalog, interactions, stats = load_amazon(args.reviews, args.meta, args.min_interactions)
+    elif args.source == "amazon2023":
+        from lrd_dist.data.sources.amazon2023 import DEFAULT_TEMPLATE, load_amazon2023
+
+        need(args, "meta")
+        if args.split != "official":
+            need(args, "reviews")
+        catalog, interactions, stats = load_amazon2023(
+            args.reviews,
+            args.meta,
+            args.min_interactions,
+            args.split,
+            args.benchmark,
+            args.name,
+            args.text_template or DEFAULT_TEMPLATE,
+        )
+    else:
+        from lrd_dist.data.sources.logs import ItemColumns, LogColumns, hf_table, load_table_source
+
+        need(args, "interactions")
+        need(args, "items")
+        log_columns = LogColumns(args.user_column, args.item_column, args.time_column, args.time_unit)
+        item_columns = ItemColumns(
+            args.item_id_column,
+            args.text_column,
+            args.text_template,
+            args.attribute_columns,
+            args.relation_columns,
+        )
+        log = (
+            args.interactions
+            if args.source == "table"
+            else hf_table(args.interactions, args.hf_split, args.hf_data_files)
+        )
+        catalog, interactions, stats = load_table_source(
+            log, args.items, log_columns, item_columns, args.min_interactions, args.interactions
+        )
     write(args, args.source, catalog, interactions, stats=stats)
 
 
