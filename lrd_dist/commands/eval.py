@@ -6,12 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lrd_dist.config import load_config
-from lrd_dist.data.user_items import UserItems
 from lrd_dist.errors import InputError
-from lrd_dist.evaluation.evaluate import evaluate
-from lrd_dist.run import build_run, load_trained_weights, stored_config
-from lrd_dist.train.backend import CompiledScoring, flush_denormals, scoring_context, select_attention
 
 HELP = "score a model file (best.safetensors or lrd-dist export's) on dev and test"
 
@@ -34,6 +29,12 @@ def evaluate_weights(
     weights: Path, config_path: Path | None, overrides: list[str], splits: list[str]
 ) -> dict[str, dict[str, float]]:
     """Score a model file on the dataset of its config (or of ``--config``), in one process."""
+    from lrd_dist.config import load_config
+    from lrd_dist.data.user_items import UserItems
+    from lrd_dist.evaluation.evaluate import evaluate
+    from lrd_dist.run import build_run, load_trained_weights, stored_config
+    from lrd_dist.train.backend import CompiledScoring, flush_denormals, scoring_context, select_attention
+
     if not weights.is_file():
         raise InputError(weights, "no such weights file", "pass a .safetensors from lrd-dist export or a run")
     if config_path is None:

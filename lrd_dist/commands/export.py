@@ -21,12 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-from safetensors.torch import load_file, save_file
-
 from lrd_dist.errors import InputError
-from lrd_dist.run import CONFIG_KEY
-from lrd_dist.train.checkpoint import ACCELERATE_DIR, COMPLETE, TRAINER
 
 HELP = "one safetensors model file (config inside) from a checkpoint, or item/user vectors and a FAISS index"
 DEEPSPEED_TAG = "pytorch_model"  # the tag accelerate gives DeepSpeed checkpoints
@@ -66,6 +61,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from lrd_dist.run import CONFIG_KEY
+    from lrd_dist.train.checkpoint import ACCELERATE_DIR, COMPLETE, TRAINER
+
     if not (checkpoint / COMPLETE).is_file():
         raise InputError(
             checkpoint, "not a complete checkpoint (no COMPLETE marker)", "pass a step-* directory"

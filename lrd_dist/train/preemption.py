@@ -12,9 +12,10 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
+if TYPE_CHECKING:  # (torch is imported where it is used: `lrd-dist launch` needs only the constants)
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class PreemptionFlag:
         """Collective: True on every rank when any rank was signalled."""
         if accelerator.num_processes == 1:
             return self.signal is not None
+        import torch
+
         flag = torch.tensor([0.0 if self.signal is None else 1.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 

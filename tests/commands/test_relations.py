@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lrd_dist.cli import main
-from lrd_dist.commands.relations import relation_report
+from lrd_dist.evaluation.relation_report import relation_report
 from lrd_dist.config import DEMO_CONFIG, load_config
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.errors import InputError

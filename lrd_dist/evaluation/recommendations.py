@@ -1,0 +1,243 @@
+"""Top-k recommendations of a trained run over the whole catalog, or retrieve then rerank,
+written as Parquet: the implementation of ``lrd-dist recommend`` (its options and the output
+are described in ``lrd_dist/commands/recommend.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lrd_dist.data.histories import Histories, user_names
+from lrd_dist.data.user_items import UserItems
+from lrd_dist.errors import InputError
+from lrd_dist.evaluation.topk import NO_ITEM, top_k
+from lrd_dist.run import Run, load_trained
+from lrd_dist.train.backend import flush_denormals, select_attention
+
+log = logging.getLogger(__name__)
+SCHEMA = pa.schema(
+    [
+        ("user", pa.string()),
+        ("rank", pa.int32()),
+        ("item", pa.string()),
+        ("score", pa.float32()),
+        ("text", pa.string()),
+    ]
+)
+
+
+def recommend(args: argparse.Namespace) -> None:
+    """``lrd-dist recommend`` (see ``lrd_dist/commands/recommend.py``)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if args.k < 1:
+        raise InputError("--k", f"{args.k}", "ask for 1 or more items")
+    if args.out.suffix != ".parquet":
+        raise InputError(args.out, "not a .parquet path", "name the output FILE.parquet")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    flush_denormals()
+    model_run = load_trained(args.run, args.weights, args.config, args.overrides, select_attention(True))
+    num_items = model_run.manifest.num_items
+    if args.k > num_items:
+        raise InputError(
+            "--k", f"{args.k} is larger than the catalog ({num_items} items)", f"use --k {num_items} or less"
+        )
+    histories = choose_histories(args, model_run)
+    known = None if args.include_seen or args.histories else UserItems.from_dataset(model_run.data_dir)
+    retriever = make_retriever(args.retrieve, model_run, args.run, known) if args.retrieve else None
+    rows = np.arange(
+        state.process_index * len(histories) // state.num_processes,
+        (state.process_index + 1) * len(histories) // state.num_processes,
+    )
+    part = (
+        args.out.with_name(f"{args.out.name}.rank{state.process_index}") if state.num_processes > 1 else None
+    )
+    started = time.perf_counter()
+    written = write_recommendations(
+        model_run,
+        histories,
+        rows,
+        args,
+        known,
+        retriever,
+        part or args.out.with_name(args.out.name + ".partial"),
+    )
+    seconds = time.perf_counter() - started
+    log.info(
+        "rank %d: %d users in %.1f s (%.1f users/s)",
+        state.process_index,
+        written,
+        seconds,
+        written / max(seconds, 1e-9),
+    )
+    if part is None:
+        args.out.with_name(args.out.name + ".partial").replace(args.out)
+    else:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            merge_parts(
+                [args.out.with_name(f"{args.out.name}.rank{r}") for r in range(state.num_processes)], args.out
+            )
+        state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"wrote {args.out}: {len(histories)} users x {args.k} items")
+
+
+def choose_histories(args: argparse.Namespace, run: Run) -> Histories:
+    max_history = run.config.data.max_history
+    if args.histories:
+        names = user_names(run.data_dir, run.manifest.num_users)
+        known_users = {name: i + 1 for i, name in enumerate(names)}
+        return Histories.from_jsonl(args.histories, run.catalog, max_history, known_users)
+    histories = Histories.from_dataset(run.data_dir, max_history)
+    if not args.users:
+        return histories
+    if not args.users.is_file():
+        raise InputError(
+            args.users, "no such users file", "pass a text file of user source ids, one per line"
+        )
+    index = {name: row for row, name in enumerate(histories.names)}
+    wanted = [line.strip() for line in args.users.read_text().splitlines() if line.strip()]
+    unknown = [(n, name) for n, name in enumerate(wanted, start=1) if name not in index]
+    if unknown:
+        line, name = unknown[0]
+        raise InputError(
+            args.users,
+            f"unknown user {name!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+            "name users by their source ids (the dataset's users.parquet), or pass --histories",
+            line=line,
+        )
+    return histories.select(np.array([index[name] for name in wanted], dtype=np.int64))
+
+
+def make_retriever(source: str, run: Run, run_dir: Path | None, known: UserItems | None):
+    from lrd_dist.evaluation.retrieval import EmbeddingRetriever, PopularityRetriever, RelationRetriever
+
+    popularity = PopularityRetriever(known or UserItems.from_dataset(run.data_dir), run.manifest.num_items)
+    if source == "popularity":
+        return popularity
+    if source == "relations":
+        return RelationRetriever(run, popularity)
+    path = Path(source)
+    if (path / "config.yaml").is_file():
+        retrieval_run = load_trained(path)
+        if retrieval_run.config.model.name != "sasrec":
+            raise InputError(path, f"a {retrieval_run.config.model.name} run", "retrieve with a SASRec run")
+        if retrieval_run.manifest.num_items != run.manifest.num_items:
+            raise InputError(path, "trained on another catalog", "retrieve with a run of the same dataset")
+        return EmbeddingRetriever(path, retrieval_run)
+    if path.is_dir():
+        return EmbeddingRetriever(path, None)
+    raise InputError(
+        source, "not a retriever", "use popularity, relations, a SASRec run or its embeddings directory"
+    )
+
+
+@torch.inference_mode()
+def write_recommendations(
+    run: Run,
+    histories: Histories,
+    rows: np.ndarray,
+    args: argparse.Namespace,
+    known: UserItems | None,
+    retriever,
+    path: Path,
+) -> int:
+    """Score ``rows`` of ``histories`` batch by batch, appending each batch's rows to ``path``."""
+    source_ids = np.array(run.catalog.source_ids.to_pylist(), dtype=object)
+    texts = np.array(run.catalog.texts.to_pylist(), dtype=object)
+    model = run.model
+    with pq.ParquetWriter(path, SCHEMA) as writer:
+        for start in range(0, len(rows), args.batch_size):
+            chosen = rows[start : start + args.batch_size]
+            batch = histories.batch(chosen)
+            excluded = None if args.include_seen else seen_pairs(histories, chosen, batch, known)
+            candidates = retriever.candidates(histories, chosen, args.candidates) if retriever else None
+            items, scores = top_k(
+                scoring(model, batch),
+                len(chosen),
+                run.manifest.num_items,
+                args.k,
+                excluded,
+                args.item_chunk,
+                candidates,
+            )
+            writer.write_table(to_table(histories, chosen, items, scores, source_ids, texts))
+    return len(rows)
+
+
+def scoring(model, batch: dict[str, torch.Tensor]):
+    """``score(items [B, c]) -> [B, c]`` for the batch's users; SASRec scores a shared chunk of the
+    catalog with one matrix product."""
+    if not model.relational:
+        state = model.backbone.user_state(batch["history_items"], batch["history_length"])
+        table = model.backbone.item_embeddings
+
+        def score_sasrec(items: torch.Tensor) -> torch.Tensor:
+            if items.stride(0) == 0:  # every row asks for the same chunk of the catalog
+                return state @ table(items[0]).T
+            return (state[:, None, :] * table(items)).sum(-1)
+
+        return score_sasrec
+    return lambda items: model.score(batch, items)
+
+
+def seen_pairs(histories: Histories, rows: np.ndarray, batch, known: UserItems | None):
+    """(row, item) pairs to leave out: everything a dataset user has, or every item of a given
+    history (also those older than the window the model reads)."""
+    window = torch.arange(batch["history_items"].shape[1])[None, :] < batch["history_length"][:, None]
+    row, column = window.nonzero(as_tuple=True)
+    pairs = [(row, batch["history_items"][row, column])]
+    if known is not None:
+        pairs.append(known.everything(batch["user"]))
+    if histories.given is not None:
+        given = [histories.given[r] for r in rows.tolist()]
+        counts = torch.tensor([len(g) for g in given])
+        pairs.append(
+            (
+                torch.repeat_interleave(torch.arange(len(given)), counts),
+                torch.from_numpy(np.concatenate(given)),
+            )
+        )
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]).long()
+
+
+def to_table(histories, rows, items, scores, source_ids, texts) -> pa.Table:
+    users, ranks, item_ids, values = [], [], [], []
+    for position, row in enumerate(rows.tolist()):
+        found = items[position] != NO_ITEM
+        count = int(found.sum())
+        users += [histories.names[row]] * count
+        ranks += list(range(1, count + 1))
+        item_ids.append(items[position][:count].numpy())
+        values.append(scores[position][:count].numpy())
+    chosen = np.concatenate(item_ids) if item_ids else np.zeros(0, np.int64)
+    return pa.table(
+        {
+            "user": pa.array(users, pa.string()),
+            "rank": pa.array(ranks, pa.int32()),
+            "item": pa.array(source_ids[chosen - 1] if len(chosen) else [], pa.string()),
+            "score": pa.array(np.concatenate(values) if values else [], pa.float32()),
+            "text": pa.array(texts[chosen - 1] if len(chosen) else [], pa.string()),
+        },
+        schema=SCHEMA,
+    )
+
+
+def merge_parts(parts: list[Path], out: Path) -> None:
+    partial = out.with_name(out.name + ".partial")
+    with pq.ParquetWriter(partial, SCHEMA) as writer:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches():
+                writer.write_batch(batch)
+    partial.replace(out)
+    for part in parts:
+        part.unlink()
