@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs trained before timing")
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--weights", type=Path, help="also time a converged model (a run's best.safetensors)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/denormals.json"))
     args = parser.parse_args()
 
@@ -59,6 +60,12 @@ def main() -> None:
         training_seconds = time.perf_counter() - started
         trained = (copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizer.state_dict()))
         denormal_weights = denormal_count(trainer.model)
+        states = {"fresh": fresh, "trained": trained}
+        if args.weights:
+            from safetensors.torch import load_file
+
+            converged = {**trainer.model.state_dict(), **load_file(str(args.weights))}
+            states["converged"] = (converged, fresh[1])
         batches = []
         for batch in trainer.run.loader("train"):
             batches.append(batch)
@@ -80,7 +87,7 @@ def main() -> None:
         sampler_state = trainer.sampler.state_dict()
         best: dict[str, float] = {}
         for _ in range(args.rounds):
-            for name, state in (("fresh", fresh), ("trained", trained)):
+            for name, state in states.items():
                 for flush in (False, True):
                     key = f"{name}_{'flushed' if flush else 'denormals'}"
                     best[key] = min(best.get(key, float("inf")), timed(state, flush))
@@ -93,14 +100,16 @@ def main() -> None:
         "denormal_weights_after_training": denormal_weights,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         **{f"step_ms_{k}": 1000 * v for k, v in best.items()},
-        "trained_slowdown_with_denormals": best["trained_denormals"] / best["trained_flushed"],
-        "fresh_slowdown_with_denormals": best["fresh_denormals"] / best["fresh_flushed"],
+        **{
+            f"{name}_slowdown_with_denormals": best[f"{name}_denormals"] / best[f"{name}_flushed"]
+            for name in states
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"after {args.epochs} epochs: {denormal_weights} denormal weights of {report['parameters']:,}")
     print(f"{'step ms':<10}{'denormals':>11}{'flushed':>10}{'ratio':>8}")
-    for name in ("fresh", "trained"):
+    for name in states:
         kept, flushed = best[f"{name}_denormals"], best[f"{name}_flushed"]
         print(f"{name:<10}{1000 * kept:>11.0f}{1000 * flushed:>10.0f}{kept / flushed:>7.2f}x")
 

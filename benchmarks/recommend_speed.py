@@ -41,8 +41,8 @@ def peak_rss_gib() -> float:
 
 def timed_recommend(run, histories, rows, k, candidates=None, retriever=None, batch_size=64, item_chunk=2048):
     """(items [U, k] of every user, seconds); one batch first, untimed (first-call costs)."""
-    from lrd_dist.evaluation.recommendations import scoring, seen_pairs
     from lrd_dist.data.user_items import UserItems
+    from lrd_dist.evaluation.recommendations import scoring, seen_pairs
     from lrd_dist.evaluation.topk import top_k
 
     known = UserItems.from_dataset(run.data_dir)
