@@ -51,14 +51,17 @@ def main() -> None:
         ]
         trainer = Trainer(load_config(args.config, [*overrides, f"train.epochs={args.epochs}"]))
         trainer.setup()
-        fresh = (copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizer.state_dict()))
+        fresh = (copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizers[0].state_dict()))
         torch.set_flush_denormal(False)  # train the way torch does by default
         started = time.perf_counter()
         while not trainer.finished:
             trainer.train_epoch()
             trainer.state.epoch, trainer.state.batches = trainer.state.epoch + 1, 0
         training_seconds = time.perf_counter() - started
-        trained = (copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizer.state_dict()))
+        trained = (
+            copy.deepcopy(trainer.model.state_dict()),
+            copy.deepcopy(trainer.optimizers[0].state_dict()),
+        )
         denormal_weights = denormal_count(trainer.model)
         states = {"fresh": fresh, "trained": trained}
         if args.weights:
@@ -74,14 +77,14 @@ def main() -> None:
 
         def timed(state, flush: bool) -> float:
             trainer.model.load_state_dict(state[0])
-            trainer.optimizer.load_state_dict(state[1])
+            trainer.optimizers[0].load_state_dict(state[1])
             torch.set_flush_denormal(flush)
             trainer.sampler.load_state_dict(sampler_state)
             started = time.perf_counter()
             for batch in batches:
                 trainer.train_step(batch)
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad()
+                trainer.optimizers[0].step()
+                trainer.optimizers[0].zero_grad()
             return (time.perf_counter() - started) / len(batches)
 
         sampler_state = trainer.sampler.state_dict()

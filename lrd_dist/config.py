@@ -162,6 +162,11 @@ class TrainConfig:
         "training negatives avoid the target and history window; official: every item of the user, "
         "dev and test included (the authors' setting; leaks them)",
     )
+    embedding_updates: Literal["dense", "sparse"] = option(
+        "dense",
+        "dense: Adam over every row of the id tables each step (official) | sparse: row-wise gradients "
+        "and SparseAdam for the tables, a step costs what its batch costs (large catalogs; no ZeRO)",
+    )
     seed: int = option(0, "seed of initialisation, data order and sampling")
     out_dir: str = option("runs/train", "run directory (config, metrics, checkpoints, best weights)")
     log_every: int = option(50, "optimizer steps per metrics.jsonl line")
@@ -354,6 +359,21 @@ def validate(config: RunConfig, where: str | Path) -> None:
                 "use sampled_softmax: RCF/KDA score each item apart",
             )
         )
+    if config.train.embedding_updates == "sparse":
+        if config.train.loss == "full_softmax":
+            problems.append(
+                (
+                    "train.embedding_updates=sparse with train.loss=full_softmax",
+                    "use sampled_softmax or bpr: a softmax over every item updates every row anyway",
+                )
+            )
+        if config.train.max_grad_norm:
+            problems.append(
+                (
+                    "train.embedding_updates=sparse with train.max_grad_norm",
+                    "set train.max_grad_norm=null: torch cannot clip row-wise (sparse) gradients",
+                )
+            )
     if config.model.emb_size % config.model.num_heads:
         problems.append(("model.emb_size is not a multiple of model.num_heads", "change one of them"))
     name, _, k = config.eval.metric.partition("@")

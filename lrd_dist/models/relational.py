@@ -86,6 +86,9 @@ class RelationalRecommender(nn.Module):
     """RCF (``temporal=False``) or KDA (``temporal=True``) over ``num_relations`` slots."""
 
     BLOCK_ROWS = 512  # (user, candidate) rows scored together; see forward
+    # Tables that grow with the catalog and are only looked up by id (never read whole while
+    # training), so they may take row-wise gradients (train/optimizer.py).
+    id_tables = ("user_embeddings", "entity_embeddings", "item_bias")
 
     def __init__(
         self,

@@ -7,6 +7,9 @@ from torch import nn
 
 
 class SASRec(nn.Module):
+    # looked up by id while training (train.loss=full_softmax reads it whole: dense updates only)
+    id_tables = ("item_embeddings",)
+
     def __init__(
         self,
         num_items: int,

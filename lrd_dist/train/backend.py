@@ -40,6 +40,13 @@ class Backend:
         plugin = self.accelerator.state.deepspeed_plugin
         self.deepspeed = plugin is not None
         self.zero3 = self.deepspeed and plugin.zero_stage == 3
+        if self.deepspeed and config.train.embedding_updates == "sparse":
+            raise InputError(
+                "train.embedding_updates",
+                f"sparse under DeepSpeed ZeRO-{plugin.zero_stage}: ZeRO partitions dense gradients and "
+                "refuses row-wise ones",
+                "launch with DDP (launchers/cpu_2proc.yaml) or use train.embedding_updates=dense",
+            )
         if self.accelerator.device.type == "cpu":
             flush_denormals()
 

@@ -73,7 +73,7 @@ class TrainerState:
     best_epoch: int = -1
     waited: int = 0  # evaluations without improvement
     dev_history: list[float] = field(default_factory=list)  # the selection metric per evaluation
-    scheduler: dict = field(default_factory=dict)
+    scheduler: list[dict] | dict = field(default_factory=list)  # one per optimizer (a dict: older runs)
 
 
 def checkpoint_root(config: RunConfig) -> Path:

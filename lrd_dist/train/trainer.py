@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
-from transformers import get_scheduler
 
 from lrd_dist.config import RunConfig, to_yaml
 from lrd_dist.data.stream import make_loader
@@ -49,6 +48,7 @@ from lrd_dist.train.checkpoint import (
 )
 from lrd_dist.train.encoder_state import encoder_summary, save_encoder
 from lrd_dist.train.metrics_log import MetricsLog, flat_config
+from lrd_dist.train.optimizer import Schedules, build_optimizers
 from lrd_dist.train.plots import plot_curves
 from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from lrd_dist.train.progress import progress
@@ -103,17 +103,12 @@ class Trainer:
         self.total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
 
         model = run.model
-        self.optimizer = self._optimizer(model)
+        optimizers = build_optimizers(model, config)
         # Stepped by hand at optimizer-step boundaries and saved as JSON in the trainer state.
-        self.scheduler = get_scheduler(
-            "constant_with_warmup" if config.train.schedule == "constant" else config.train.schedule,
-            self.optimizer,
-            num_warmup_steps=config.train.warmup_steps,
-            num_training_steps=self.total_steps,
-        )
+        self.schedules = Schedules(optimizers, config, self.total_steps)
         backend.fill_deepspeed_auto()
         frozen = frozen_parameter_names(model)
-        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.model, *self.optimizers = accelerator.prepare(model, *optimizers)
         self.core = accelerator.unwrap_model(self.model)
         skip_frozen_weights(accelerator, frozen)
         self.scorer = backend.scoring(self.core)
@@ -155,21 +150,6 @@ class Trainer:
         self.metrics = MetricsLog(metrics_path, self.main, track)
         self.done = self.state.step >= self.total_steps or self._patience_exhausted()
 
-    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """Adam; weight decay on non-bias weights; the live encoder's weights at ``llm.lr``."""
-        config = self.config
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        encoder = [p for n, p in trainable if n.startswith("item_text.")]
-        rest = [(n, p) for n, p in trainable if not n.startswith("item_text.")]
-        groups = [
-            {"params": [p for n, p in rest if "bias" not in n], "weight_decay": config.train.weight_decay},
-            {"params": [p for n, p in rest if "bias" in n]},
-            {"params": encoder, "lr": config.llm.lr or config.train.lr},
-        ]
-        return torch.optim.Adam(
-            [{"weight_decay": 0.0, **g} for g in groups if g["params"]], lr=config.train.lr
-        )
-
     def resume(self) -> bool:
         """Continue from ``checkpoint.resume``, as if the run had never stopped; False if fresh."""
         checkpoint = find_resume_point(self.config)
@@ -178,7 +158,7 @@ class Trainer:
         self.state, rank_state = load_checkpoint(
             self.accelerator, checkpoint, self.config, self.run.data_checksum
         )
-        self.scheduler.load_state_dict(self.state.scheduler)
+        self.schedules.load_state_dict(self.state.scheduler)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
             self.sampler.load_state_dict(rank_state["sampler"])
@@ -250,9 +230,11 @@ class Trainer:
         config, state = self.config, self.state
         if config.train.max_grad_norm and not self.backend.deepspeed:  # DeepSpeed clips from its config
             self.accelerator.clip_grad_norm_(self.model.parameters(), config.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.schedules.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
         state.step += 1
         if state.step % config.train.log_every == 0:
             self._log_window()
@@ -266,7 +248,7 @@ class Trainer:
     def _log_window(self) -> None:
         now = time.perf_counter()
         state = self.state
-        entry = {"step": state.step, "epoch": state.epoch, "lr": self.scheduler.get_last_lr()[0]}
+        entry = {"step": state.step, "epoch": state.epoch, "lr": self.schedules.lr}
         # training samples per second over all ranks (loader padding rows not counted)
         entry["samples_per_s"] = (
             self.window_samples * self.accelerator.num_processes / (now - self.window_started)
@@ -339,7 +321,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Collective: every rank writes its part (see ``checkpoint.py``)."""
         state = self.state
-        state.scheduler = self.scheduler.state_dict()
+        state.scheduler = self.schedules.state_dict()
         rank_state = {
             "rng": rng_state(),
             "sampler": self.sampler.state_dict(),

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from lrd_dist.cli import main
-from lrd_dist.evaluation.relation_report import relation_report
 from lrd_dist.config import DEMO_CONFIG, load_config
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.errors import InputError
+from lrd_dist.evaluation.relation_report import relation_report
 from lrd_dist.train.trainer import train
 from tests.conftest import small_run
 

@@ -82,6 +82,26 @@ def test_sigkilled_rank_resumes_with_identical_losses(
     )
 
 
+def test_sparse_id_table_updates_under_ddp_resume_exactly_and_zero_refuses_them(
+    synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    """Row-wise gradients all-reduced as sparse tensors (gloo) by DDP: a
+    SIGKILLed rank resumes bit for bit (SparseAdam's state is in the checkpoint); ZeRO refuses."""
+    sparse = "train.embedding_updates=sparse"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _ok(lrd_launch("cpu_2proc", *_train(synth_with_embeddings, straight, sparse)))
+    fault, fault_env = kill(step=14, rank=1)
+    crash = lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, sparse, *fault), env=fault_env)
+    assert crash.returncode != 0
+    _ok(lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, sparse, "checkpoint.resume=auto")))
+    after = [e for e in _log(killed) if e["step"] > 12]
+    assert len([e for e in after if "loss" in e]) == 30 - 12
+    assert after == [e for e in _log(straight) if e["step"] > 12]  # bit for bit, every step
+    refused = lrd_launch("cpu_zero2", *_train(synth_with_embeddings, tmp_path / "zero", sparse))
+    assert refused.returncode != 0
+    assert "ZeRO partitions dense gradients" in refused.stderr and "cpu_2proc" in refused.stderr
+
+
 def test_two_process_checkpoint_resumes_in_one_process(
     synth_with_embeddings: Path, ddp_reference: Path, tmp_path: Path
 ) -> None:
