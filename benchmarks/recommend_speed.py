@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from synthetic import lrd_dist, random_text_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,16 +93,9 @@ def office(args: argparse.Namespace) -> dict:
     return report
 
 
-def lrd_dist(*command: str) -> None:
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "lrd_dist.cli", *command], env=env, cwd=REPO, check=True)
-
-
 def large(args: argparse.Namespace) -> dict:
-    from lrd_dist.config import TextEncoderConfig, load_config
-    from lrd_dist.data.catalog import Catalog
+    from lrd_dist.config import load_config
     from lrd_dist.data.histories import Histories
-    from lrd_dist.encoders.text import catalog_checksum, save_table
     from lrd_dist.evaluation.retrieval import build_index, item_vectors, recall_against_exact, user_vectors
     from lrd_dist.run import build_run, load_trained
     from lrd_dist.train.backend import flush_denormals, select_attention
@@ -125,16 +116,7 @@ def large(args: argparse.Namespace) -> dict:
             "20",
         )
         report["prepare_seconds"] = time.perf_counter() - started
-    table = data / "item_embeddings.safetensors"
-    if not table.is_file():  # random 384-d text vectors, checked against the catalog like a real table
-        texts = Catalog.read(data / "catalog.parquet").texts.to_pylist()
-        vectors = np.random.default_rng(0).standard_normal((len(texts), 384)).astype(np.float32)
-        save_table(
-            table,
-            vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
-            TextEncoderConfig(model="random"),
-            catalog_checksum(texts),
-        )
+    random_text_table(data, 384)  # the KDA+LRD reranker's frozen table (see synthetic.py)
     sasrec_dir = work / "sasrec"
     if not (sasrec_dir / "best.safetensors").is_file():
         lrd_dist(

@@ -133,14 +133,12 @@ def write_dataset(
         }
         repeated = {DEV: 0, TEST: 0}
         try:
-            for split, rows, columns in iter_sample_chunks(ordered, max_history):
-                if split == TRAIN:
-                    permutation = rng.permutation(len(rows))
-                    columns = {k: v[permutation] for k, v in columns.items()}
-                elif interactions.negatives:
+            # training rows come shuffled within each conversion chunk
+            for split, rows, columns in iter_sample_chunks(ordered, max_history, shuffle_train=rng):
+                if split != TRAIN and interactions.negatives:
                     columns["negatives"] = interactions.negatives[split][ordered.negative_row[rows]]
                     repeated[split] += repeated_negative_rows(columns["negatives"])
-                else:
+                elif split != TRAIN:
                     columns["negatives"] = sample_negatives(
                         columns["user"], num_negatives, catalog.num_items, clicked, rng
                     )

@@ -130,13 +130,19 @@ def _sample_negatives(users, num_negatives, num_items, clicked_keys, rng) -> np.
         keys = users[todo, None].astype(np.int64) * (num_items + 1) + cand
         found = np.searchsorted(clicked_keys, keys).clip(max=len(clicked_keys) - 1)
         clicked = clicked_keys[found] == keys
-        # repeats within a row: a stable sort puts later occurrences after the first one
-        order = np.argsort(cand, axis=1, kind="stable")
-        ordered = np.take_along_axis(cand, order, axis=1)
-        repeat_sorted = np.zeros(cand.shape, dtype=bool)
-        repeat_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-        repeat = np.empty_like(repeat_sorted)
-        np.put_along_axis(repeat, order, repeat_sorted, axis=1)
+        # repeats within a row (rare in a large catalog): found on sorted rows, and only rows that
+        # have one pay for locating them (a stable sort puts later occurrences after the first)
+        ordered = np.sort(cand, axis=1)
+        repeat = np.zeros(cand.shape, dtype=bool)
+        with_repeat = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        if len(with_repeat):
+            order = np.argsort(cand[with_repeat], axis=1, kind="stable")
+            sorted_rows = np.take_along_axis(cand[with_repeat], order, axis=1)
+            repeat_sorted = np.zeros(sorted_rows.shape, dtype=bool)
+            repeat_sorted[:, 1:] = sorted_rows[:, 1:] == sorted_rows[:, :-1]
+            found_repeat = np.empty_like(repeat_sorted)
+            np.put_along_axis(found_repeat, order, repeat_sorted, axis=1)
+            repeat[with_repeat] = found_repeat
         usable = ~repeat & ~clicked
         done = usable.sum(axis=1) >= num_negatives
         take = usable & (np.cumsum(usable, axis=1) <= num_negatives)
@@ -150,42 +156,55 @@ def build_samples(
     ordered: OrderedInteractions,
     rows: np.ndarray,
     max_history: int,
+    padded: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Sample columns for the given rows: the target and the last ``max_history`` earlier items.
 
     Histories are chronological and right-padded with 0 (the ReChorus convention), so
-    ``history_items[b, :history_length[b]]`` are the real items, oldest first.
+    ``history_items[b, :history_length[b]]`` are the real items, oldest first. ``padded``: item
+    and time columns with one 0 appended (``padded_columns``), made once for many calls.
     """
+    items, times = padded or padded_columns(ordered)
     length = np.minimum(ordered.position[rows], max_history)
     offsets = np.arange(max_history)
     index = rows[:, None] - length[:, None] + offsets[None, :]
-    valid = offsets[None, :] < length[:, None]
-    index = np.where(valid, index, 0)
+    # padding positions read one appended 0: a single gather per column, no masking pass
+    index[offsets[None, :] >= length[:, None]] = len(ordered.item)
     columns = {
         "user": ordered.user[rows].astype(np.int64),
         "target": ordered.item[rows].astype(np.int64),
         "target_time": ordered.time[rows].astype(np.int64),
         "history_length": length.astype(np.int64),
-        "history_items": np.where(valid, ordered.item[index], 0).astype(np.int32),
-        "history_times": np.where(valid, ordered.time[index], 0).astype(np.int64),
+        "history_items": items[index],
+        "history_times": times[index],
     }
     for name, values in ordered.extras.items():
         columns[name] = values[rows].astype(np.int64)
     return columns
 
 
+def padded_columns(ordered: OrderedInteractions) -> tuple[np.ndarray, np.ndarray]:
+    """Item (int32) and time (int64) columns with a 0 appended, which history padding reads."""
+    return np.append(ordered.item, 0).astype(np.int32), np.append(ordered.time, 0).astype(np.int64)
+
+
 def iter_sample_chunks(
     ordered: OrderedInteractions,
     max_history: int,
     chunk_rows: int = 1 << 20,
+    shuffle_train: np.random.Generator | None = None,
 ) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
     """Yield (split, rows, columns) in chunks of at most ``chunk_rows`` sample rows, so that the
-    padded history matrices of a large dataset never exist all at once."""
+    padded history matrices of a large dataset never exist all at once. ``shuffle_train``: put
+    each chunk's training rows in random order first (rows are built once, already shuffled)."""
     rows = sample_rows(ordered)
+    padded = padded_columns(ordered)
     for start in range(0, len(rows), chunk_rows):
         chunk = rows[start : start + chunk_rows]
         split_of_chunk = ordered.split[chunk]
         for split in (TRAIN, DEV, TEST):
             selected = chunk[split_of_chunk == split]
+            if split == TRAIN and shuffle_train is not None:
+                selected = selected[shuffle_train.permutation(len(selected))]
             if len(selected):
-                yield split, selected, build_samples(ordered, selected, max_history)
+                yield split, selected, build_samples(ordered, selected, max_history, padded)

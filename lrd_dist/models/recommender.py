@@ -51,6 +51,16 @@ class Recommender(nn.Module):
             candidates=candidates,
         )
 
+    def chunk_scorer(self, batch: dict[str, torch.Tensor]):
+        """``scores(items)``: the [B, C] scores of the batch's rows against one shared [C] chunk of
+        item ids (full ranking). SASRec encodes each history once for all chunks; RCF/KDA attend
+        the history per candidate, so they score the chunk as candidates."""
+        if isinstance(self.backbone, SASRec):
+            state = self.backbone.user_state(batch["history_items"], batch["history_length"])
+            table = self.backbone.item_embeddings.weight
+            return lambda items: state @ table[items].T
+        return lambda items: self.score(batch, items.expand(len(batch["target"]), -1))
+
     def recommendation_loss(self, batch: dict[str, torch.Tensor], negatives: torch.Tensor) -> torch.Tensor:
         valid, target = batch["valid"], batch["target"]
         if self.loss == "full_softmax":

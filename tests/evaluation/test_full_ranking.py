@@ -27,6 +27,31 @@ class FixedScores(nn.Module):
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.item_scores[candidates]
 
+    def chunk_scorer(self, batch: dict[str, torch.Tensor]):
+        return lambda items: self.score(batch, items.expand(len(batch["target"]), -1))
+
+
+def test_sasrec_chunk_scorer_equals_scoring_the_chunk_as_candidates() -> None:
+    """Full ranking encodes a SASRec history once for every chunk: the same scores as scoring
+    each chunk as candidates (which re-encodes it)."""
+    from lrd_dist.models.recommender import Recommender
+    from lrd_dist.models.sasrec import SASRec
+
+    torch.manual_seed(0)
+    model = Recommender(SASRec(num_items=50, max_history=6, emb_size=16, dropout=0.0)).eval()
+    batch = {
+        "target": torch.randint(1, 51, (5,)),
+        "history_items": torch.randint(1, 51, (5, 6)),
+        "history_length": torch.tensor([1, 3, 6, 6, 2]),
+    }
+    items = torch.arange(11, 29)
+    with torch.no_grad():
+        chunked = model.chunk_scorer(batch)(items)
+        direct = model.score({**batch, "user": None, "history_times": None, "target_time": None},
+                             items.expand(5, -1))  # fmt: skip
+    assert chunked.shape == (5, 18)
+    torch.testing.assert_close(chunked, direct, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 512])
 def test_chunked_rank_equals_a_brute_force_ranking(chunk: int) -> None:
