@@ -78,6 +78,8 @@ def measured(command: list[str], threads: int = 1) -> dict:
     rss = PeakRSS(process.pid)
     out, err = process.communicate()
     peak = rss.stop()
+    if process.returncode == -9:  # the kernel's OOM killer: a result, not a failure of the benchmark
+        return {"killed": f"SIGKILL (out of memory) at {peak:.1f} GiB", "peak_rss_gib": peak}
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
     return {"seconds": time.perf_counter() - started, "peak_rss_gib": peak, "stdout": out}
@@ -95,13 +97,16 @@ def free_port() -> int:
 
 def dataset(work: Path, users: int, items: int, mean_length: float = 12.0) -> tuple[Path, dict]:
     """The synthetic dataset (made once) and what making it cost."""
-    data = work / f"synth_u{users}_i{items}_l{mean_length:g}"
+    data = work / f"synth_u{users}_i{items}_l{mean_length:g}_m{max(50, int(4 * mean_length))}"
     cost_file = data / "prepare_cost.json"
     if not cost_file.is_file():
         if data.exists():
             shutil.rmtree(data)
         synth = cli("synth", "--out", str(data), "--users", str(users), "--items", str(items))
-        result = measured([*synth, "--mean-length", str(mean_length), "--max-history", "20"])
+        longest = str(max(50, int(4 * mean_length)))  # the generator caps a user's length
+        result = measured(
+            [*synth, "--mean-length", str(mean_length), "--max-length", longest, "--max-history", "20"]
+        )
         manifest = json.loads((data / "manifest.json").read_text())
         samples = sum(manifest["samples"].values())
         cost = {
@@ -141,6 +146,9 @@ def train_speed(
         "checkpoint.keep=1",
     ]
     result = measured(command)
+    if "killed" in result:
+        shutil.rmtree(out, ignore_errors=True)
+        return result
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [e["samples_per_s"] for e in entries if "samples_per_s" in e][2:]  # after 2 windows
     shutil.rmtree(out, ignore_errors=True)
@@ -154,8 +162,6 @@ def train_speed(
 
 def eval_worker(data: str, model: str, users: int, full_ranking: bool) -> None:
     """In a fresh process: one dev evaluation of a fresh model over the first ``users`` users."""
-    import resource
-
     from lrd_dist.config import load_config
     from lrd_dist.data.user_items import UserItems
     from lrd_dist.evaluation.evaluate import evaluate
@@ -179,24 +185,17 @@ def eval_worker(data: str, model: str, users: int, full_ranking: bool) -> None:
                      run.manifest.num_items, known=known, split="dev")  # fmt: skip
             timings.append(time.perf_counter() - started)
     scored = sum(int(b["valid"].sum()) for b in batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-        json.dumps(
-            {
-                "users": scored,
-                "seconds": timings[-1],
-                "users_per_s": scored / timings[-1],
-                "peak_rss_gib": peak,
-            }
-        )
-    )
+    print(json.dumps({"users": scored, "seconds": timings[-1], "users_per_s": scored / timings[-1]}))
 
 
 def eval_speed(data: Path, model: str, users: int, full_ranking: bool = False) -> dict:
     if model == "kda_lrd":
         random_text_table(data, TEXT_DIM)
     command = [sys.executable, __file__, "--eval-worker", str(data), model, str(users), str(full_ranking)]
-    return json.loads(measured(command)["stdout"].strip().splitlines()[-1])
+    result = measured(command)
+    report = json.loads(result["stdout"].strip().splitlines()[-1])
+    report["peak_rss_gib"] = result["peak_rss_gib"]  # polled (ru_maxrss can carry over an exec)
+    return report
 
 
 def part_catalog(args, report: dict) -> None:
@@ -263,6 +262,9 @@ def print_tables(report: dict) -> None:
             for key, value in entry.items():
                 if "/eval" in key or key == "data":
                     continue
+                if "killed" in value:
+                    print(f"{int(items):>11,} {key:<16}{value['killed']}")
+                    continue
                 ratio = value["samples_per_s"] / base[key]["samples_per_s"] if key in base else float("nan")
                 rate, peak = value["samples_per_s"], value["peak_rss_gib"]
                 print(f"{int(items):>11,} {key:<16}{rate:>11,.0f}{ratio:>8.2f}{peak:>10.2f}")
@@ -283,7 +285,7 @@ def plot(report: dict, path: Path) -> None:
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({k for e in catalog.values() for k in e if k != "data" and "/eval" not in k})
     for key in keys:
-        points = [(int(n), e[key]) for n, e in catalog.items() if key in e]
+        points = [(int(n), e[key]) for n, e in catalog.items() if key in e and "killed" not in e[key]]
         style = "-" if key.endswith("sparse") else "--"
         speed.plot(
             [p[0] for p in points], [p[1]["samples_per_s"] for p in points], style, marker="o", label=key

@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--relations", type=int, default=4, help="planted relations")
     parser.add_argument("--mean-length", type=float, default=12.0, help="mean interactions per user")
+    parser.add_argument("--max-length", type=int, default=50, help="most interactions of one user")
     add_write_options(parser)
 
 
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> None:
         relations=args.relations,
         seed=args.seed,
         mean_length=args.mean_length,
+        max_length=args.max_length,
     )
     catalog, interactions, planted = generate(config)
     stats = {"synth_relations": args.relations}

@@ -58,6 +58,8 @@ RESUMABLE_CHANGES = {
     "llm.autocast",
     "model.fused_attention",  # how the attention is computed, not what
 }
+# Training keys that decide which optimizers a checkpoint holds: they must match too.
+OPTIMIZER_KEYS = ("embedding_updates",)
 # With a frozen table (both runs), only these keys of the llm section define the model.
 FROZEN_LLM_KEYS = {"mode", "table", "shuffle_table"}
 
@@ -247,7 +249,7 @@ def config_changes(saved_config: dict, config: RunConfig, where: Path) -> list[s
         if section in saved_config or section == "llm"  # (older checkpoints have no llm section)
     }
     frozen = now["llm"]["mode"] == saved["llm"]["mode"] == "frozen"
-    return [
+    changes = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
         for section in saved
         for key, value in now[section].items()
@@ -255,6 +257,13 @@ def config_changes(saved_config: dict, config: RunConfig, where: Path) -> list[s
         and f"{section}.{key}" not in RESUMABLE_CHANGES
         and not (section == "llm" and frozen and key not in FROZEN_LLM_KEYS)
     ]
+    saved_train = {**defaults["train"], **saved_config.get("train", {})}
+    changes += [
+        f"train.{key}: {saved_train[key]!r} -> {now['train'][key]!r}"
+        for key in OPTIMIZER_KEYS
+        if saved_train[key] != now["train"][key]
+    ]
+    return changes
 
 
 def saved_batches_per_epoch(checkpoint: Path) -> int:

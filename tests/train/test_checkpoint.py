@@ -86,6 +86,9 @@ def test_resume_refuses_damaged_and_foreign_checkpoints(
 
     with pytest.raises(InputError, match=r"another model config \(model\.emb_size: 16 -> 32"):
         _resume(synth_with_embeddings, checkpointed_run, tmp_path, source, "model.emb_size=32")
+    # the checkpoint holds one Adam: it cannot continue as Adam + SparseAdam
+    with pytest.raises(InputError, match=r"train\.embedding_updates: 'dense' -> 'sparse'"):
+        _resume(synth_with_embeddings, checkpointed_run, tmp_path, source, "train.embedding_updates=sparse")
 
     other_data = tmp_path / "other_data"
     shutil.copytree(synth_with_embeddings, other_data)
