@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, seed: int, precision: str) -> dict:
             f"train.out_dir={out}",
             f"train.seed={seed}",
             f"train.epochs={args.epochs}",
-            f"train.mixed_precision={precision}",
+            f"train.mixed_precision='{precision}'",  # quoted: YAML reads a bare no as false
             "train.tracker=none",
             "train.log_every=20",
             "checkpoint.resume=auto",

@@ -18,7 +18,7 @@ import logging
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -300,7 +300,7 @@ def load_config(
             tree = OmegaConf.to_container(OmegaConf.load(path))
         if tree is not None:
             layers.append(OmegaConf.create(upgrade(tree, where)))
-        dotted = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])))
+        dotted = OmegaConf.to_container(OmegaConf.from_dotlist(_quote_literal_words(overrides or [])))
         layers.append(OmegaConf.create(upgrade(dotted, "command line")))
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
@@ -308,6 +308,28 @@ def load_config(
     config: RunConfig = OmegaConf.to_object(merged)
     validate(config, path or "config")
     return config
+
+
+def _quote_literal_words(overrides: list[str]) -> list[str]:
+    """``train.mixed_precision=no`` means the choice "no": YAML would read a bare no/yes/on/off as
+    a boolean, so such a value of a string-choice key is quoted before parsing."""
+    quoted = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and value.lower() in ("no", "yes", "on", "off", "n", "y") and _is_string_choice(key):
+            override = f"{key}='{value}'"
+        quoted.append(override)
+    return quoted
+
+
+def _is_string_choice(dotted_key: str) -> bool:
+    hints: object = RunConfig
+    for part in dotted_key.split("."):
+        types = get_type_hints(hints) if is_dataclass(hints) else {}
+        if part not in types:
+            return False
+        hints = types[part]
+    return get_origin(hints) is Literal and all(isinstance(a, str) for a in get_args(hints))
 
 
 def _describe(error: OmegaConfBaseException) -> str:

@@ -75,3 +75,10 @@ def test_every_shipped_config_passes_validation_and_says_how_to_run_it(config: P
     assert any("lrd-dist train --config" in line for line in head) and any(
         "validated" in line for line in head
     )
+
+
+def test_a_bare_no_is_the_choice_no_for_string_choices_and_false_for_booleans() -> None:
+    """YAML reads a bare no as false; for a key whose values are named choices it means "no"."""
+    config = load_config(None, ["train.mixed_precision=no", "eval.full_ranking=no"])
+    assert config.train.mixed_precision == "no"
+    assert config.eval.full_ranking is False
