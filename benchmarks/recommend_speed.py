@@ -40,7 +40,7 @@ def peak_rss_gib() -> float:
 def timed_recommend(run, histories, rows, k, candidates=None, retriever=None, batch_size=64, item_chunk=2048):
     """(items [U, k] of every user, seconds); one batch first, untimed (first-call costs)."""
     from lrd_dist.data.user_items import UserItems
-    from lrd_dist.evaluation.recommendations import scoring, seen_pairs
+    from lrd_dist.evaluation.recommendations import seen_pairs
     from lrd_dist.evaluation.topk import top_k
 
     known = UserItems.from_dataset(run.data_dir)
@@ -50,7 +50,7 @@ def timed_recommend(run, histories, rows, k, candidates=None, retriever=None, ba
         batch = histories.batch(chosen)
         excluded = seen_pairs(histories, chosen, batch, known)
         proposed = retriever.candidates(histories, chosen, candidates) if retriever else None
-        score = scoring(run.model, batch)
+        score = run.model.item_scorer(batch)
         return top_k(score, len(chosen), run.manifest.num_items, k, excluded, item_chunk, proposed)[0]
 
     recommend(rows[:batch_size])

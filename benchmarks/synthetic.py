@@ -18,11 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 TABLE = "item_embeddings.safetensors"
 
 
-def lrd_dist(*command: str, threads: int | None = None) -> None:
+def lrd_dist(*command: str) -> None:
     """Run an ``lrd-dist`` command in a fresh process (offline), failing loudly."""
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     subprocess.run([sys.executable, "-m", "lrd_dist.cli", *command], env=env, cwd=REPO, check=True)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -68,9 +69,9 @@ class PeakRSS:
         return self.peak / 2**30
 
 
-def measured(command: list[str], threads: int = 1) -> dict:
+def measured(command: list[str]) -> dict:
     """Run ``command`` to completion: wall seconds, peak RSS GiB of its tree, its output."""
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread per process
     started = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -97,15 +98,15 @@ def free_port() -> int:
 
 def dataset(work: Path, users: int, items: int, mean_length: float = 12.0) -> tuple[Path, dict]:
     """The synthetic dataset (made once) and what making it cost."""
-    data = work / f"synth_u{users}_i{items}_l{mean_length:g}_m{max(50, int(4 * mean_length))}"
+    longest = max(50, int(4 * mean_length))  # the generator caps a user's length at this
+    data = work / f"synth_u{users}_i{items}_l{mean_length:g}_m{longest}"
     cost_file = data / "prepare_cost.json"
     if not cost_file.is_file():
         if data.exists():
             shutil.rmtree(data)
         synth = cli("synth", "--out", str(data), "--users", str(users), "--items", str(items))
-        longest = str(max(50, int(4 * mean_length)))  # the generator caps a user's length
         result = measured(
-            [*synth, "--mean-length", str(mean_length), "--max-length", longest, "--max-history", "20"]
+            [*synth, "--mean-length", str(mean_length), "--max-length", str(longest), "--max-history", "20"]
         )
         manifest = json.loads((data / "manifest.json").read_text())
         samples = sum(manifest["samples"].values())

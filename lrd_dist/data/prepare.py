@@ -135,10 +135,10 @@ def write_dataset(
         try:
             # training rows come shuffled within each conversion chunk
             for split, rows, columns in iter_sample_chunks(ordered, max_history, shuffle_train=rng):
-                if split != TRAIN and interactions.negatives:
+                if split != TRAIN and interactions.negatives:  # the source's own candidates
                     columns["negatives"] = interactions.negatives[split][ordered.negative_row[rows]]
                     repeated[split] += repeated_negative_rows(columns["negatives"])
-                elif split != TRAIN:
+                elif split != TRAIN:  # drawn outside the user's items
                     columns["negatives"] = sample_negatives(
                         columns["user"], num_negatives, catalog.num_items, clicked, rng
                     )

@@ -71,11 +71,11 @@ def full_ranking_rank(
     mask_rows, mask_items = mask_rows[order].to(target.device), mask_items[order].to(target.device)
     above = torch.zeros(rows, dtype=torch.long, device=target.device)
     equal = torch.zeros_like(above)
-    score_chunk = model.chunk_scorer(batch)
+    score = model.item_scorer(batch)
     for start in range(1, num_items + 1, item_chunk):
         stop = min(start + item_chunk, num_items + 1)
         items = torch.arange(start, stop, device=target.device)
-        scores = score_chunk(items).float()
+        scores = score(items.expand(rows, -1)).float()
         lo, hi = torch.searchsorted(mask_items, torch.tensor([start, stop], device=target.device)).tolist()
         scores[mask_rows[lo:hi], mask_items[lo:hi] - start] = float("-inf")
         inside = ((target >= start) & (target < stop)).nonzero(as_tuple=True)[0]

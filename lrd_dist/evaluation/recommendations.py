@@ -162,7 +162,7 @@ def write_recommendations(
             excluded = None if args.include_seen else seen_pairs(histories, chosen, batch, known)
             candidates = retriever.candidates(histories, chosen, args.candidates) if retriever else None
             items, scores = top_k(
-                scoring(model, batch),
+                model.item_scorer(batch),
                 len(chosen),
                 run.manifest.num_items,
                 args.k,
@@ -172,22 +172,6 @@ def write_recommendations(
             )
             writer.write_table(to_table(histories, chosen, items, scores, source_ids, texts))
     return len(rows)
-
-
-def scoring(model, batch: dict[str, torch.Tensor]):
-    """``score(items [B, c]) -> [B, c]`` for the batch's users; SASRec scores a shared chunk of the
-    catalog with one matrix product."""
-    if not model.relational:
-        state = model.backbone.user_state(batch["history_items"], batch["history_length"])
-        table = model.backbone.item_embeddings
-
-        def score_sasrec(items: torch.Tensor) -> torch.Tensor:
-            if items.stride(0) == 0:  # every row asks for the same chunk of the catalog
-                return state @ table(items[0]).T
-            return (state[:, None, :] * table(items)).sum(-1)
-
-        return score_sasrec
-    return lambda items: model.score(batch, items)
 
 
 def seen_pairs(histories: Histories, rows: np.ndarray, batch, known: UserItems | None):

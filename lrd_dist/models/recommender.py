@@ -51,15 +51,21 @@ class Recommender(nn.Module):
             candidates=candidates,
         )
 
-    def chunk_scorer(self, batch: dict[str, torch.Tensor]):
-        """``scores(items)``: the [B, C] scores of the batch's rows against one shared [C] chunk of
-        item ids (full ranking). SASRec encodes each history once for all chunks; RCF/KDA attend
-        the history per candidate, so they score the chunk as candidates."""
+    def item_scorer(self, batch: dict[str, torch.Tensor]):
+        """``scores(items [B, C]) -> [B, C]`` for the batch's rows (full ranking, recommend). SASRec
+        encodes each history once for every call, and a chunk shared by all rows (an expanded
+        [C] row) is one matrix product; RCF/KDA attend the history per candidate."""
         if isinstance(self.backbone, SASRec):
             state = self.backbone.user_state(batch["history_items"], batch["history_length"])
-            table = self.backbone.item_embeddings.weight
-            return lambda items: state @ table[items].T
-        return lambda items: self.score(batch, items.expand(len(batch["target"]), -1))
+            table = self.backbone.item_embeddings
+
+            def score_sasrec(items: torch.Tensor) -> torch.Tensor:
+                if items.stride(0) == 0:  # every row asks for the same chunk of the catalog
+                    return state @ table(items[0]).T
+                return (state[:, None, :] * table(items)).sum(-1)
+
+            return score_sasrec
+        return lambda items: self.score(batch, items)
 
     def recommendation_loss(self, batch: dict[str, torch.Tensor], negatives: torch.Tensor) -> torch.Tensor:
         valid, target = batch["valid"], batch["target"]

@@ -27,11 +27,11 @@ class FixedScores(nn.Module):
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.item_scores[candidates]
 
-    def chunk_scorer(self, batch: dict[str, torch.Tensor]):
-        return lambda items: self.score(batch, items.expand(len(batch["target"]), -1))
+    def item_scorer(self, batch: dict[str, torch.Tensor]):
+        return lambda items: self.score(batch, items)
 
 
-def test_sasrec_chunk_scorer_equals_scoring_the_chunk_as_candidates() -> None:
+def test_sasrec_item_scorer_equals_scoring_the_chunk_as_candidates() -> None:
     """Full ranking encodes a SASRec history once for every chunk: the same scores as scoring
     each chunk as candidates (which re-encodes it)."""
     from lrd_dist.models.recommender import Recommender
@@ -46,7 +46,7 @@ def test_sasrec_chunk_scorer_equals_scoring_the_chunk_as_candidates() -> None:
     }
     items = torch.arange(11, 29)
     with torch.no_grad():
-        chunked = model.chunk_scorer(batch)(items)
+        chunked = model.item_scorer(batch)(items.expand(5, -1))
         direct = model.score({**batch, "user": None, "history_times": None, "target_time": None},
                              items.expand(5, -1))  # fmt: skip
     assert chunked.shape == (5, 18)
