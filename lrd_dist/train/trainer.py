@@ -353,7 +353,7 @@ class Trainer:
         log.warning("stopped for a signal at step %d; resume with checkpoint.resume=auto", self.state.step)
         if self.main:
             PreemptionFlag.announce()
-        self.accelerator.end_training()
+        self.end_training()
         sys.exit(REQUEUE_EXIT_CODE)
 
     def finish(self) -> dict:
@@ -391,8 +391,16 @@ class Trainer:
         if self.main:
             (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", config.eval.metric)
-        self.accelerator.end_training()
+        self.end_training()
         return results
+
+    def end_training(self) -> None:
+        """Every rank reaches this point before any tears the process group down, so none closes
+        its gloo pairs while a peer may still use them (the suspected cause of one rank aborting
+        at exit with "terminate called without an active exception", once in a SLURM requeue test,
+        which turned the requeue into a failed job)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
 
 def official_stop(history: list[float], patience: int = 5, horizon: int = 20) -> bool:

@@ -69,6 +69,13 @@ def _job_state(env: dict, job: str) -> dict:
     return dict(field.split("=", 1) for field in shown.split() if "=" in field)
 
 
+def _first_run_left(env: dict, job: str) -> bool:
+    """Whether the node still runs something of the job: a step daemon or a non-idle node state."""
+    stepd = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True)
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+    return stepd.returncode == 0 or state.strip() != "idle"
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -76,6 +83,18 @@ def _wait(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _diagnosis(env: dict, job: str, log: Path, run: Path) -> str:
+    """What a failed job left: its output, the ranks' logs, the job record and the daemons' logs."""
+    parts = [f"job output:\n{log.read_text()[-3000:]}", f"job record: {_job_state(env, job)}"]
+    for task in sorted((run / "logs").glob("*.out")) if (run / "logs").is_dir() else []:
+        parts.append(f"{task.name}:\n{task.read_text()[-1500:]}")
+    for daemon in ("slurmctld", "slurmd"):
+        daemon_log = Path(env["SLURM_CONF"]).parent / "log" / f"{daemon}.log"
+        if daemon_log.is_file():
+            parts.append(f"{daemon}.log:\n{daemon_log.read_text()[-2500:]}")
+    return "\n\n".join(parts)
 
 
 def test_cpu_job_is_signalled_requeues_and_resumes(
@@ -116,13 +135,16 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
         300,  # the tasks checkpoint first; slow when the machine is busy (seen: > 120 s under load)
         "the requeue",
     )
-    # a requeued job waits ~2 minutes before it is eligible again; the test does not
+    # A requeued job waits ~2 minutes before it is eligible again, which gives the node time to tear
+    # down the first run's steps; the test shortens the wait to that teardown (relaunching job 1 while a
+    # slurmstepd of its first run is still alive can fail the launch).
+    _wait(lambda: not _first_run_left(env, job), 180, "the first run's steps to end")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     _wait(
         lambda: _job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the end"
     )
 
-    assert _job_state(env, job)["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert _job_state(env, job)["JobState"] == "COMPLETED", _diagnosis(env, job, log, run)
     text = log.read_text()
     assert "Exited with exit code 75" in text and "requeueing" in text and "(restart 1)" in text
     entries = [json.loads(line) for line in metrics.read_text().splitlines()]
