@@ -13,12 +13,15 @@ commit), with ``OUT/office.md`` (the table, beside the authors' figures) and
 ``OUT/office_dev_ndcg5.png`` (dev NDCG@5 against epoch per model).
 
 Each run is a fresh ``lrd-dist train`` process of the code this script is run from; run it from a
-clean checkout (the commit is recorded per run).
+clean checkout (the commit is recorded per run). Several copies may run side by side (``--only`` and
+``--seeds`` pick their share): each finished run is merged into ``office.json`` under a lock. A table
+trained elsewhere (another machine, another ``--out``) joins with ``--merge OTHER/office.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -75,23 +78,69 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="a subset of the runs")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from office.json")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=[], help="office.json files of tables trained elsewhere"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     table_file = args.out / "office.json"
-    table = json.loads(table_file.read_text()) if table_file.is_file() else {"runs": {}}
-    if not args.report_only:
+    for other in args.merge:
+        merge(other, args.out)
+    if not args.report_only and not args.merge:
         prepare(args)
         for name in args.only or RUNS:
             for seed in args.seeds:
                 key = f"{name}/seed{seed}"
-                if table["runs"].get(key, {}).get("status") == "done":
+                if load_table(table_file)["runs"].get(key, {}).get("status") == "done":
                     print(f"{key}: done, skipped", flush=True)
                     continue
-                table["runs"][key] = run_one(args, name, seed, table["runs"].get(key, {}))
-                table_file.write_text(json.dumps(table, indent=1) + "\n")
-                write_report(table, args.out)
-    write_report(table, args.out)
+                previous = load_table(table_file)["runs"].get(key, {})
+                record(table_file, {key: run_one(args, name, seed, previous)})
+    write_report(load_table(table_file), args.out)
     return 0
+
+
+def load_table(table_file: Path) -> dict:
+    return json.loads(table_file.read_text()) if table_file.is_file() else {"runs": {}}
+
+
+def record(table_file: Path, entries: dict[str, dict]) -> dict:
+    """Merge ``entries`` into the table on disk under a lock (other copies of this script may be
+    writing theirs) and write it whole through a temporary file, so a crash leaves the old table."""
+    with open(table_file.parent / ".office.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = load_table(table_file)
+        table["runs"].update(entries)
+        partial = table_file.with_suffix(".json.partial")
+        partial.write_text(json.dumps(table, indent=1) + "\n")
+        partial.replace(table_file)
+    write_report(table, table_file.parent)
+    return table
+
+
+def merge(other: Path, out: Path) -> None:
+    """Add the finished runs of another table (and their relation reports); a run finished here too
+    is kept as it is here."""
+    if not other.is_file():
+        raise SystemExit(f"--merge {other}: no such file (the office.json of another table)")
+    try:
+        theirs = json.loads(other.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"--merge {other}: not an office.json table ({error})") from error
+    ours = load_table(out / "office.json")["runs"]
+    new = {}
+    for key, entry in theirs.items():
+        if entry.get("status") != "done":
+            continue
+        if ours.get(key, {}).get("status") == "done":
+            print(f"{key}: finished in both tables; kept the one in {out / 'office.json'}", flush=True)
+            continue
+        new[key] = entry
+        reports = other.parent / "relations" / key.replace("/", "_")
+        if reports.is_dir():
+            shutil.copytree(reports, out / "relations" / key.replace("/", "_"), dirs_exist_ok=True)
+    record(out / "office.json", new)
+    print(f"merged {len(new)} finished runs from {other}: {', '.join(sorted(new)) or 'none'}", flush=True)
 
 
 def lrd_dist(*command: str, threads: int) -> subprocess.CompletedProcess:
