@@ -1,0 +1,69 @@
+"""The Office table runner's bookkeeping: copies running side by side, and tables merged from
+elsewhere, must neither lose a finished run nor take an unfinished one."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.launch import REPO
+
+spec = importlib.util.spec_from_file_location("office_table", REPO / "benchmarks" / "office_table.py")
+office_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(office_table)
+
+
+def _entry(model: str, seed: int, ndcg: float) -> dict:
+    metrics = {m: ndcg for m in office_table.METRICS}
+    return {
+        "status": "done",
+        "model": model,
+        "seed": seed,
+        "best_epoch": 9,
+        "epochs_run": 30,
+        "test": metrics,
+        "full_ranking": {"test": {"NDCG@10": ndcg / 5}},
+        "dev_curve": [0.1, 0.2],
+        "seconds": 3600.0,
+    }
+
+
+def test_record_merges_into_what_another_copy_wrote(tmp_path: Path) -> None:
+    table = tmp_path / "office.json"
+    office_table.record(table, {"kda/seed0": _entry("kda", 0, 0.30)})
+    office_table.record(table, {"sasrec/seed1": _entry("sasrec", 1, 0.25)})  # another copy's run
+    runs = json.loads(table.read_text())["runs"]
+    assert sorted(runs) == ["kda/seed0", "sasrec/seed1"]
+    report = (tmp_path / "office.md").read_text()
+    assert "| KDA | 1 | 0.3000 |" in report and "| SASRec | 1 | 0.2500 |" in report
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_merge_takes_finished_runs_and_their_reports_only(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    office_table.record(ours / "office.json", {"kda/seed0": _entry("kda", 0, 0.30)})
+    theirs.mkdir()
+    (theirs / "relations" / "kda_lrd_seed1").mkdir(parents=True)
+    (theirs / "relations" / "kda_lrd_seed1" / "summary.json").write_text("{}")
+    other = {
+        "kda/seed0": _entry("kda", 0, 0.99),  # finished in both: ours stays
+        "kda_lrd/seed1": _entry("kda_lrd", 1, 0.35),
+        "rcf/seed2": {"status": "failed", "attempts": []},
+    }
+    (theirs / "office.json").write_text(json.dumps({"runs": other}))
+    office_table.merge(theirs / "office.json", ours)
+    runs = json.loads((ours / "office.json").read_text())["runs"]
+    assert sorted(runs) == ["kda/seed0", "kda_lrd/seed1"]
+    assert runs["kda/seed0"]["test"]["NDCG@10"] == 0.30
+    assert (ours / "relations" / "kda_lrd_seed1" / "summary.json").is_file()
+
+
+def test_merge_refuses_what_is_not_a_table(tmp_path: Path) -> None:
+    bad = tmp_path / "office.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not an office"):
+        office_table.merge(bad, tmp_path / "out")
+    with pytest.raises(SystemExit, match="no such file"):
+        office_table.merge(tmp_path / "missing.json", tmp_path / "out")
