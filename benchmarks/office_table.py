@@ -123,10 +123,10 @@ def main() -> int:
         for name in names:
             for seed in args.seeds:
                 key = f"{name}/seed{seed}"
-                if load_table(table_file)["runs"].get(key, {}).get("status") == "done":
+                previous = load_table(table_file)["runs"].get(key, {})
+                if previous.get("status") == "done":
                     print(f"{key}: done, skipped", flush=True)
                     continue
-                previous = load_table(table_file)["runs"].get(key, {})
                 record(table_file, {key: run_one(args, name, seed, previous)})
     write_report(load_table(table_file), args.out)
     return 0
