@@ -148,7 +148,8 @@ class Trainer:
             accelerator.init_trackers("lrd_dist", config=flat_config(config))
             track = lambda scalars, step: accelerator.log(scalars, step=step)  # noqa: E731
         self.metrics = MetricsLog(metrics_path, self.main, track)
-        self.done = self.state.step >= self.total_steps or self._patience_exhausted()
+        # A resumed run that had stopped early stays stopped (the official rule reads the dev history).
+        self.done = self.state.step >= self.total_steps or self._stopped_early()
 
     def resume(self) -> bool:
         """Continue from ``checkpoint.resume``, as if the run had never stopped; False if fresh."""
@@ -302,7 +303,7 @@ class Trainer:
                     save_file(weights, str(self.out / BEST))
             else:
                 state.waited += 1
-            stop = official_stop(state.dev_history) if official else self._patience_exhausted()
+            stop = self._stopped_early()
         if stop:
             log.info(
                 "early stop after epoch %d (best epoch %d, %s)",
@@ -315,7 +316,10 @@ class Trainer:
         self.done = self.done or stop
         hooks.call(self.callbacks, "on_epoch_end", self)
 
-    def _patience_exhausted(self) -> bool:
+    def _stopped_early(self) -> bool:
+        """The early-stop rule on the dev history so far: ``official`` (LRD/ReChorus) or ``patience``."""
+        if self.config.train.early_stop == "official":
+            return official_stop(self.state.dev_history)
         return self.config.train.early_stop == "patience" and self.state.waited >= self.config.train.patience
 
     def save_checkpoint(self) -> None:
@@ -406,6 +410,8 @@ class Trainer:
 def official_stop(history: list[float], patience: int = 5, horizon: int = 20) -> bool:
     """LRD/ReChorus ``eval_termination``: more than ``horizon`` evaluations and the last
     ``patience`` non-increasing, or the (first) best more than ``horizon`` evaluations old."""
+    if not history:
+        return False
     recent = history[-patience:]
     if len(history) > horizon and all(a >= b for a, b in itertools.pairwise(recent)):
         return True

@@ -111,10 +111,37 @@ def test_latent_only_relations_cover_the_latent_slots(synth_with_embeddings: Pat
 
 def test_official_stop_rule() -> None:
     rising = [0.1 + 0.01 * i for i in range(30)]
-    assert not official_stop(rising)  # still improving at 30 evaluations
+    assert not official_stop([]) and not official_stop(rising)  # nothing yet; still improving at 30
     flat_tail = [*rising[:20], 0.3, 0.3, 0.29, 0.28, 0.28]
     assert official_stop(flat_tail)  # > 20 evaluations, last 5 non-increasing
     assert not official_stop(rising[:15] + [0.2] * 5)  # non-increasing but only 20 evaluations
     old_best = [0.5] + [0.1, 0.2] * 10  # best 21 evaluations ago, although the tail zig-zags
     assert official_stop(old_best)
     assert not official_stop(old_best[:-1])
+
+
+def test_a_run_stopped_by_the_official_rule_stays_stopped_on_resume(
+    synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    overrides = small_run(
+        synth_with_embeddings,
+        tmp_path,
+        "model.name=sasrec",
+        "lrd.enabled=false",
+        "data.batch_size=512",
+        "train.lr=1e-9",  # dev NDCG@5 stays flat: the rule stops after its 21st evaluation
+        "train.epochs=60",
+        "train.early_stop=official",
+        "eval.metric=NDCG@5",
+        "checkpoint.resume=auto",
+    )
+    first = train(load_config(None, overrides))
+    assert first["epochs_run"] == 21  # the rule needs more than 20 evaluations
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    best = (tmp_path / "best.safetensors").read_bytes()
+    again = train(load_config(None, overrides))
+    # resumed from the last checkpoint: no further epoch, the same best weights and test figures
+    assert again["epochs_run"] == first["epochs_run"] and again["steps"] == first["steps"]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "best.safetensors").read_bytes() == best
+    assert again["test"] == first["test"]
