@@ -67,3 +67,18 @@ def test_merge_refuses_what_is_not_a_table(tmp_path: Path) -> None:
         office_table.merge(bad, tmp_path / "out")
     with pytest.raises(SystemExit, match="no such file"):
         office_table.merge(tmp_path / "missing.json", tmp_path / "out")
+
+
+def test_training_time_and_dev_curve_come_from_every_epoch_of_the_metrics_log(tmp_path: Path) -> None:
+    # step lines, and epoch lines of two processes (the second resumed at epoch 2): all epochs count
+    lines = [
+        {"step": 50, "epoch": 0, "loss": 0.7},
+        {"epoch": 0, "step": 150, "epoch_seconds": 30.0, "dev/NDCG@5": 0.20},
+        {"epoch": 1, "step": 300, "epoch_seconds": 31.5, "dev/NDCG@5": 0.25},
+        {"step": 350, "epoch": 2, "loss": 0.5},
+        {"epoch": 2, "step": 450, "epoch_seconds": 45.0, "dev/NDCG@5": 0.24},
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert office_table.train_seconds(metrics) == pytest.approx(106.5)
+    assert office_table.dev_curve(metrics) == [0.20, 0.25, 0.24]
