@@ -82,3 +82,15 @@ def test_training_time_and_dev_curve_come_from_every_epoch_of_the_metrics_log(tm
     metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert office_table.train_seconds(metrics) == pytest.approx(106.5)
     assert office_table.dev_curve(metrics) == [0.20, 0.25, 0.24]
+
+
+def test_the_table_names_the_cpus_its_hours_were_measured_on(tmp_path: Path) -> None:
+    older = _entry("sasrec", 0, 0.30)  # recorded before attempts named their machine
+    newer = _entry("sasrec", 1, 0.28) | {
+        "attempts": [{"seconds": 1.0, "commit": "abc", "machine": office_table.machine()}],
+        "train_seconds": 7200.0,
+    }
+    row = office_table.table_row("SASRec", [older, newer])
+    hours = row.rstrip(" |").rsplit("| ", 1)[1]
+    assert hours.startswith("1.50 (") and office_table.machine()["isa"] in hours  # mean of 1 h and 2 h
+    assert office_table.table_row("SASRec", [older]).endswith("| 1.00 |")
