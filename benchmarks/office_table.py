@@ -21,6 +21,7 @@ trained elsewhere (another machine, another ``--out``) joins with ``--merge OTHE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -130,9 +132,30 @@ def main() -> int:
                     if "train_seconds" not in previous and metrics.is_file():  # recorded before it was kept
                         record(table_file, {key: previous | {"train_seconds": train_seconds(metrics)}})
                     continue
-                record(table_file, {key: run_one(args, name, seed, previous)})
+                with claim(args.runs / name / f"seed{seed}") as ours:
+                    if not ours:
+                        print(f"{key}: being trained by another copy of this script, skipped", flush=True)
+                        continue
+                    previous = load_table(table_file)["runs"].get(key, {})  # that copy may have finished it
+                    if previous.get("status") != "done":
+                        record(table_file, {key: run_one(args, name, seed, previous)})
     write_report(load_table(table_file), args.out)
     return 0
+
+
+@contextlib.contextmanager
+def claim(run: Path) -> Iterator[bool]:
+    """Whether this copy may train ``run``: an exclusive lock on ``RUN.lock`` held for the whole run,
+    so two copies given overlapping ``--only``/``--seeds`` never train one run directory at once.
+    The lock goes with the process, so a killed copy leaves none behind."""
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / f"{run.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def load_table(table_file: Path) -> dict:

@@ -94,3 +94,14 @@ def test_the_table_names_the_cpus_its_hours_were_measured_on(tmp_path: Path) -> 
     hours = row.rstrip(" |").rsplit("| ", 1)[1]
     assert hours.startswith("1.50 (") and office_table.machine()["isa"] in hours  # mean of 1 h and 2 h
     assert office_table.table_row("SASRec", [older]).endswith("| 1.00 |")
+
+
+def test_a_run_being_trained_by_another_copy_is_not_claimed_twice(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "kda" / "seed0"
+    with office_table.claim(run) as first:
+        with office_table.claim(run) as second:
+            assert first and not second
+        with office_table.claim(tmp_path / "runs" / "kda" / "seed1") as other_seed:
+            assert other_seed
+    with office_table.claim(run) as after:  # released when the first copy is done with it
+        assert after
