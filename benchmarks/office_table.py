@@ -13,8 +13,10 @@ commit), with ``OUT/office.md`` (the table, beside the authors' figures) and
 ``OUT/office_dev_ndcg5.png`` (dev NDCG@5 against epoch per model).
 
 Each run is a fresh ``lrd-dist train`` process of the code this script is run from; run it from a
-clean checkout (the commit is recorded per run). Several copies may run side by side (``--only`` and
-``--seeds`` pick their share): each finished run is merged into ``office.json`` under a lock. A table
+clean checkout (the commit and the CPU are recorded per attempt). ``--jobs 2`` trains two runs at a
+time (one per core of a 2-core machine at ``--threads 1``). Copies may also be started by hand, with
+any ``--only``/``--seeds``: a run is claimed by a lock for as long as it trains, and each finished run
+is merged into ``office.json`` under another. A table
 trained elsewhere (another machine, another ``--out``) joins with ``--merge OTHER/office.json``.
 """
 
@@ -110,6 +112,9 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(SETTINGS), help="a subset of the runs")
     parser.add_argument("--probes", action="store_true", help="also train every gap probe (PROBES)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once (copies of this script sharing the list)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from office.json")
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=[], help="office.json files of tables trained elsewhere"
@@ -122,6 +127,8 @@ def main() -> int:
     if not args.report_only and not args.merge:
         names = args.only or [*RUNS, *(PROBES if args.probes else [])]
         prepare(args, names)
+        if args.jobs > 1:
+            return run_copies(args.jobs)
         for name in names:
             for seed in args.seeds:
                 key = f"{name}/seed{seed}"
@@ -141,6 +148,26 @@ def main() -> int:
                         record(table_file, {key: run_one(args, name, seed, previous)})
     write_report(load_table(table_file), args.out)
     return 0
+
+
+def run_copies(jobs: int) -> int:
+    """``jobs`` copies of this command walk the same list of runs; each run's lock (``claim``) gives it
+    to the first copy that reaches it, so the copies share the list like workers of one queue."""
+    command = [sys.executable, __file__, *without_jobs(sys.argv[1:])]
+    copies = [subprocess.Popen(command) for _ in range(jobs)]
+    return max(copy.wait() for copy in copies)
+
+
+def without_jobs(argv: list[str]) -> list[str]:
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--jobs":
+            skip_value = True
+        elif not arg.startswith("--jobs="):
+            kept.append(arg)
+    return kept
 
 
 @contextlib.contextmanager
