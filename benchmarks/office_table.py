@@ -297,9 +297,9 @@ def run_one(args: argparse.Namespace, name: str, seed: int, previous: dict) -> d
     ]
     command = ["train", "--config", str(CONFIGS / config), *overrides]
     print(f"{name}/seed{seed}: lrd-dist {' '.join(command)}", flush=True)
-    started = time.perf_counter()
+    started, code = time.perf_counter(), commit()  # at the start: the checkout may move while it trains
     result = lrd_dist(*command, threads=args.threads)
-    attempt = {"seconds": time.perf_counter() - started, "commit": commit(), "machine": machine()}
+    attempt = {"seconds": time.perf_counter() - started, "commit": code, "machine": machine()}
     attempts = [*previous.get("attempts", []), attempt]
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)
