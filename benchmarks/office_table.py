@@ -131,21 +131,21 @@ def main() -> int:
             return run_copies(args.jobs)
         for name in names:
             for seed in args.seeds:
-                key = f"{name}/seed{seed}"
-                previous = load_table(table_file)["runs"].get(key, {})
-                if previous.get("status") == "done":
-                    print(f"{key}: done, skipped", flush=True)
-                    metrics = args.runs / name / f"seed{seed}" / "metrics.jsonl"
-                    if "train_seconds" not in previous and metrics.is_file():  # recorded before it was kept
-                        record(table_file, {key: previous | {"train_seconds": train_seconds(metrics)}})
-                    continue
-                with claim(args.runs / name / f"seed{seed}") as ours:
+                key, run = f"{name}/seed{seed}", args.runs / name / f"seed{seed}"
+                with claim(run) as ours:
                     if not ours:
-                        print(f"{key}: being trained by another copy of this script, skipped", flush=True)
+                        print(f"{key}: claimed by another copy of this script, skipped", flush=True)
                         continue
-                    previous = load_table(table_file)["runs"].get(key, {})  # that copy may have finished it
+                    previous = load_table(table_file)["runs"].get(key, {})
                     if previous.get("status") != "done":
                         record(table_file, {key: run_one(args, name, seed, previous)})
+                        continue
+                    print(f"{key}: done, skipped", flush=True)
+                    if "train_seconds" not in previous and (run / "metrics.jsonl").is_file():  # older entry
+                        record(
+                            table_file,
+                            {key: previous | {"train_seconds": train_seconds(run / "metrics.jsonl")}},
+                        )
     write_report(load_table(table_file), args.out)
     return 0
 
@@ -153,21 +153,9 @@ def main() -> int:
 def run_copies(jobs: int) -> int:
     """``jobs`` copies of this command walk the same list of runs; each run's lock (``claim``) gives it
     to the first copy that reaches it, so the copies share the list like workers of one queue."""
-    command = [sys.executable, __file__, *without_jobs(sys.argv[1:])]
+    command = [sys.executable, __file__, *sys.argv[1:], "--jobs", "1"]  # argparse keeps the last --jobs
     copies = [subprocess.Popen(command) for _ in range(jobs)]
     return max(copy.wait() for copy in copies)
-
-
-def without_jobs(argv: list[str]) -> list[str]:
-    kept, skip_value = [], False
-    for arg in argv:
-        if skip_value:
-            skip_value = False
-        elif arg == "--jobs":
-            skip_value = True
-        elif not arg.startswith("--jobs="):
-            kept.append(arg)
-    return kept
 
 
 @contextlib.contextmanager

@@ -105,8 +105,3 @@ def test_a_run_being_trained_by_another_copy_is_not_claimed_twice(tmp_path: Path
             assert other_seed
     with office_table.claim(run) as after:  # released when the first copy is done with it
         assert after
-
-
-def test_copies_started_by_jobs_get_the_command_without_jobs() -> None:
-    argv = ["--data", "d", "--jobs", "2", "--only", "kda", "sasrec", "--jobs=3", "--seeds", "0"]
-    assert office_table.without_jobs(argv) == ["--data", "d", "--only", "kda", "sasrec", "--seeds", "0"]
