@@ -21,11 +21,26 @@ lrd_run_dir() {
     fi
 }
 
+# The run directory, its log folder, and the file the main rank writes once it stopped for a
+# signal after a complete checkpoint (lrd_dist.train.preemption), one per attempt of the job.
+lrd_setup_run() {
+    RUN_DIR=$(lrd_run_dir)
+    mkdir -p "$RUN_DIR/logs"
+    export LRD_DIST_PREEMPTED_FILE="$RUN_DIR/.preempted-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+}
+
 # 75 = the trainer checkpointed on a signal (lrd_dist.train.preemption.REQUEUE_EXIT_CODE): requeue.
+# The ranks leave at slightly different times after that checkpoint, and `srun --kill-on-bad-exit`
+# kills the slower ones as soon as one exits 75, so srun itself may return 143: the main rank's
+# preemption file, written before the ranks meet for the last time, tells such an exit from a crash.
 # A signal that lands after training finished (results.json written, the ranks exiting) is not a
 # reason to fail the job.
 lrd_finish() {
     local code=$1 run_dir=$2
+    if [[ $code -ne 0 && $code -ne 75 && -f "${LRD_DIST_PREEMPTED_FILE:-/nonexistent}" ]]; then
+        echo "$(date -Is) job $SLURM_JOB_ID: exit code $code after the main rank checkpointed for a signal ($LRD_DIST_PREEMPTED_FILE)"
+        code=75
+    fi
     if [[ $code -ne 0 && $code -ne 75 && -f "$run_dir/results.json" && "$run_dir/results.json" -nt "$run_dir/config.yaml" ]]; then
         echo "$(date -Is) job $SLURM_JOB_ID: exit code $code after the run completed ($run_dir/results.json)"
         code=0

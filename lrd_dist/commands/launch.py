@@ -4,6 +4,8 @@
 not pass SIGUSR1 on to them. This wrapper asks torchrun to forward SIGTERM and SIGUSR1, forwards them
 itself from its own parent (a SLURM batch shell, a terminal), and exits with ``REQUEUE_EXIT_CODE``
 when the run stopped for a signal after writing its checkpoint, so a scheduler can requeue on it.
+Where the caller names the main rank's preemption file (``LRD_DIST_PREEMPTED_FILE`` in a shared run
+directory, as the SLURM scripts do), the launchers of all nodes see it, not only the main rank's.
 
     lrd-dist launch --config_file launchers/cpu_2proc.yaml -- train --config configs/office/kda_lrd.yaml
 """
@@ -37,7 +39,11 @@ def launch(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="lrd-dist-launch-") as scratch:
-        marker = Path(scratch) / "preempted"
+        # A file named by the caller (the SLURM scripts name one per attempt in the shared run
+        # directory) is seen by the launchers of every node, not only by the main rank's.
+        outer = os.environ.get(PREEMPTED_FILE_ENV)
+        marker = Path(outer) if outer else Path(scratch) / "preempted"
+        marker.unlink(missing_ok=True)
         env = os.environ | {
             "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
             PREEMPTED_FILE_ENV: str(marker),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lrd_dist.train.checkpoint import complete_checkpoints
-from lrd_dist.train.preemption import REQUEUE_EXIT_CODE
+from lrd_dist.train.preemption import PREEMPTED_FILE_ENV, REQUEUE_EXIT_CODE
 from tests.conftest import TINY_LRD
 from tests.faults import kill
 from tests.integration.launch import REPO, launch_env, lrd_launch, lrd_launch_command
@@ -155,8 +155,13 @@ def test_signal_to_the_launcher_checkpoints_and_exits_for_requeue(
     command = lrd_launch_command(
         "cpu_2proc", *_train(synth_with_embeddings, run, "train.max_steps=0", "train.epochs=40")
     )
+    env = launch_env()
+    if stop_signal == signal.SIGUSR1:  # as the SLURM scripts run it: a file named per attempt
+        named = tmp_path / "preempted"
+        named.write_text("an earlier attempt's\n")  # not taken for this attempt's
+        env[PREEMPTED_FILE_ENV] = str(named)
     launcher = subprocess.Popen(
-        command, env=launch_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -170,6 +175,8 @@ def test_signal_to_the_launcher_checkpoints_and_exits_for_requeue(
     stopped_at = max(e["step"] for e in _log(run))
     assert complete_checkpoints(run / "checkpoints")[-1].name == f"step-{stopped_at:08d}"
     assert not (run / "results.json").exists()
+    if stop_signal == signal.SIGUSR1:
+        assert named.read_text() == "preempted\n"
 
     # the requeued job: same command, resume=auto, finishes the planned run
     resumed = lrd_launch(

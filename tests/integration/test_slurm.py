@@ -76,13 +76,13 @@ def _first_run_left(env: dict, job: str) -> bool:
     return stepd.returncode == 0 or state.strip() != "idle"
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
+def _wait(predicate, timeout: float, what: str, diagnosis=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n\n{diagnosis()}")
 
 
 def _diagnosis(env: dict, job: str, log: Path, run: Path) -> str:
@@ -126,22 +126,37 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
     ).stdout.strip()
     run = tmp_path / "runs" / f"lrd-cpu-{job}"
     metrics = run / "metrics.jsonl"
-    _wait(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) > 15, 300, "training steps")
+    diagnosis = lambda: _diagnosis(env, job, log, run)  # noqa: E731
+    _wait(
+        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) > 15,
+        300,
+        "training steps",
+        diagnosis,
+    )
 
     # what SLURM does ahead of the time limit (--signal=USR1@120): USR1 to the job step's tasks
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
     _wait(
-        lambda: _job_state(env, job).get("Restarts") == "1" and _job_state(env, job)["JobState"] == "PENDING",
+        lambda: (
+            int(_job_state(env, job).get("Restarts", "0")) >= 1 or _job_state(env, job)["JobState"] in ended
+        ),
         300,  # the tasks checkpoint first; slow when the machine is busy (seen: > 120 s under load)
         "the requeue",
+        diagnosis,
     )
+    assert _job_state(env, job).get("Restarts") == "1", f"the job ended without a requeue\n\n{diagnosis()}"
     # A requeued job waits ~2 minutes before it is eligible again, which gives the node time to tear
     # down the first run's steps; the test shortens the wait to that teardown (relaunching job 1 while a
     # slurmstepd of its first run is still alive can fail the launch).
-    _wait(lambda: not _first_run_left(env, job), 180, "the first run's steps to end")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+    if _job_state(env, job).get("JobState") == "PENDING":
+        _wait(lambda: not _first_run_left(env, job), 180, "the first run's steps to end", diagnosis)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
     _wait(
-        lambda: _job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the end"
+        lambda: _job_state(env, job).get("JobState") in ended,
+        600,
+        "the end",
+        diagnosis,
     )
 
     assert _job_state(env, job)["JobState"] == "COMPLETED", _diagnosis(env, job, log, run)
@@ -157,3 +172,58 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
         f"lrd-cpu-{job}-task0.out",
         f"lrd-cpu-{job}-task1.out",
     ]
+
+
+# Two tasks as the trainer's ranks leave after a checkpoint for a signal: rank 1 exits 75 while the
+# main rank is still on its way out, and `srun --kill-on-bad-exit` ends the main rank (srun: 143).
+RACE = """#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --cpus-per-task=1
+#SBATCH --requeue
+source slurm/common.sh
+lrd_setup_run
+srun --kill-on-bad-exit=1 bash -c '
+    if [[ $SLURM_PROCID == 1 ]]; then sleep 2; exit 75; fi
+    {announce}
+    sleep 120'
+lrd_finish $? "$RUN_DIR"
+"""
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["checkpointed", "crashed"])
+def test_a_rank_killed_after_the_checkpoint_still_requeues_the_job(
+    slurm: dict, tmp_path: Path, announced: bool
+) -> None:
+    script = tmp_path / "race.sbatch"
+    script.write_text(RACE.format(announce='touch "$LRD_DIST_PREEMPTED_FILE"' if announced else ":"))
+    log = tmp_path / "job.out"
+    env = slurm | {"RUNS_DIR": str(tmp_path / "runs")}
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--job-name=race", f"--output={log}", str(script)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        _wait(
+            lambda: (
+                log.is_file()
+                and ("finished with exit code" in log.read_text() or "requeue" in log.read_text())
+            ),
+            120,
+            "the job's first attempt to end",
+            lambda: log.read_text() if log.is_file() else "(no job output)",
+        )
+        text = log.read_text()
+        if announced:
+            assert "after the main rank checkpointed for a signal" in text and "requeueing" in text, text
+            _wait(lambda: _job_state(env, job).get("Restarts") == "1", 60, "the requeue")
+        else:
+            assert "requeueing" not in text and "finished with exit code" in text, text
+            _wait(lambda: _job_state(env, job).get("JobState") == "FAILED", 60, "the failed state")
+            assert _job_state(env, job).get("Restarts") == "0"
+    finally:
+        subprocess.run(["scancel", job], env=env)
+        _wait(lambda: not _first_run_left(env, job), 180, "the job's steps to end")
