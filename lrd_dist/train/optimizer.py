@@ -18,10 +18,11 @@ trainer refuses this option under DeepSpeed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from functools import partial
 
 import torch
-from transformers import get_scheduler
 
 from lrd_dist.config import RunConfig
 
@@ -64,19 +65,34 @@ def build_optimizers(model: torch.nn.Module, config: RunConfig) -> list[torch.op
     return optimizers
 
 
+def schedule_factor(step: int, *, name: str, warmup_steps: int, total_steps: int) -> float:
+    """The multiplier of ``train.lr`` after ``step`` optimizer steps: linear warmup from 0 over
+    ``warmup_steps``, then constant, linear decay to 0 at ``total_steps``, or a half cosine to 0.
+
+    The values of transformers' ``get_scheduler`` (constant_with_warmup, linear, cosine), computed here
+    because importing ``transformers.optimization`` pulls in its trainer utilities, PEFT and dynamo:
+    2-4 s at the start of every training process for three lines of arithmetic
+    (tests/train/test_optimizer.py checks the two against each other)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if name == "constant":
+        return 1.0
+    if name == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 class Schedules:
     """One learning-rate schedule per optimizer, the same curve, stepped together at optimizer-step
     boundaries; their state is saved as JSON in the trainer state (a list, one per optimizer)."""
 
     def __init__(self, optimizers: Iterable[torch.optim.Optimizer], config: RunConfig, total_steps: int):
         train = config.train
-        name = "constant_with_warmup" if train.schedule == "constant" else train.schedule
-        self.schedulers = [
-            get_scheduler(
-                name, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=total_steps
-            )
-            for optimizer in optimizers
-        ]
+        factor = partial(
+            schedule_factor, name=train.schedule, warmup_steps=train.warmup_steps, total_steps=total_steps
+        )
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, factor) for optimizer in optimizers]
 
     def step(self) -> None:
         for scheduler in self.schedulers:

@@ -9,7 +9,7 @@ import torch
 from lrd_dist.config import DEMO_CONFIG, load_config
 from lrd_dist.data.stream import make_loader
 from lrd_dist.errors import InputError
-from lrd_dist.train.optimizer import id_tables
+from lrd_dist.train.optimizer import Schedules, id_tables
 from lrd_dist.train.trainer import Trainer, train
 from tests.conftest import small_run
 
@@ -132,3 +132,35 @@ def test_sparse_updates_refuse_what_cannot_be_row_wise(tmp_path: Path) -> None:
     ):
         with pytest.raises(InputError, match=fix):
             load_config(DEMO, ["train.embedding_updates=sparse", *extra])
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 50), (7, 50), (5, 5)])
+def test_schedules_give_the_learning_rates_of_transformers(name: str, warmup: int, total: int) -> None:
+    from transformers import get_scheduler
+
+    config = load_config(DEMO, [f"train.schedule={name}", f"train.warmup_steps={warmup}", "train.lr=0.01"])
+    ours = [torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.01) for _ in range(2)]
+    reference = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedules = Schedules(ours, config, total)
+    theirs = get_scheduler(
+        "constant_with_warmup" if name == "constant" else name,
+        reference,
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+    )
+    seen = []
+    for _ in range(total + 3):  # past the end: decays stay at 0
+        assert schedules.lr == pytest.approx(theirs.get_last_lr()[0], abs=1e-15)
+        assert ours[1].param_groups[0]["lr"] == ours[0].param_groups[0]["lr"]  # both optimizers
+        seen.append(schedules.lr)
+        schedules.step()
+        theirs.step()
+    assert seen[0] == (0.0 if warmup else 0.01)
+    assert seen[-1] == {"constant": 0.01, "linear": 0.0}.get(name, seen[-1])  # (cosine climbs again)
+    # the state (JSON in the trainer state) restores the position of both schedules
+    restored = Schedules(
+        [torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.01) for _ in range(2)], config, total
+    )
+    restored.load_state_dict(json.loads(json.dumps(schedules.state_dict())))
+    assert restored.lr == schedules.lr and restored.schedulers[0].last_epoch == total + 3
