@@ -134,6 +134,7 @@ def test_sparse_updates_refuse_what_cannot_be_row_wise(tmp_path: Path) -> None:
             load_config(DEMO, ["train.embedding_updates=sparse", *extra])
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")  # lr_scheduler.step() with no optimizer step
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
 @pytest.mark.parametrize(("warmup", "total"), [(0, 50), (7, 50), (5, 5)])
 def test_schedules_give_the_learning_rates_of_transformers(name: str, warmup: int, total: int) -> None:
