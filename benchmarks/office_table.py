@@ -86,6 +86,13 @@ PROBES: dict[str, tuple[str, str, list[str]]] = {
         "kda_lrd.yaml",
         ["train.loss=sampled_softmax", "train.num_negatives=64"],
     ),
+    # The same lever at a cost a 2-core CPU affords: a training row's cost grows with its candidates
+    # (1 + negatives), 30x BPR's at 64 negatives (~22 min per epoch), ~4.5x at 8 (docs/results.md)
+    "kda_lrd_sampled_softmax8": (
+        "KDA+LRD, sampled softmax over 8 negatives",
+        "kda_lrd.yaml",
+        ["train.loss=sampled_softmax", "train.num_negatives=8"],
+    ),
     "sasrec_full_softmax": ("SASRec, softmax over all items", "sasrec.yaml", ["train.loss=full_softmax"]),
 }
 # The item-text tables the probes read: file stem under --data -> `lrd-dist embed` options
