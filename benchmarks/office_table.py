@@ -388,15 +388,16 @@ def table_row(label: str, runs: list[dict]) -> str:
         + f" | {mean_std([r['full_ranking']['test']['NDCG@10'] for r in runs])}"
         + f" | {', '.join(str(r['best_epoch'] + 1) for r in runs)}"
         + f" | {', '.join(str(r['epochs_run']) for r in runs)}"
-        + f" | {statistics.mean(r.get('train_seconds', r['seconds']) for r in runs) / 3600:.2f}"
-        + (f" ({'/'.join(isas)})" if (isas := run_isas(runs)) else "")
-        + " |"
+        + f" | {', '.join(run_hours(r) for r in runs)} |"
     )
 
 
-def run_isas(runs: list[dict]) -> list[str]:
-    """The vector ISAs of the CPUs the runs' attempts ran on (recorded since 2026-12-03)."""
-    return sorted({a["machine"]["isa"] for r in runs for a in r.get("attempts", []) if "machine" in a})
+def run_hours(run: dict) -> str:
+    """One run's training hours and, where its attempts recorded them (since 2026-12-03), the vector
+    ISAs of their CPUs: runs of one setting may have trained on different machines, so no mean."""
+    hours = f"{run.get('train_seconds', run['seconds']) / 3600:.2f}"
+    isas = sorted({a["machine"]["isa"] for a in run.get("attempts", []) if "machine" in a})
+    return f"{hours} ({'/'.join(isas)})" if isas else hours
 
 
 def write_report(table: dict, out: Path) -> None:

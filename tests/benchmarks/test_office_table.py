@@ -92,7 +92,7 @@ def test_the_table_names_the_cpus_its_hours_were_measured_on(tmp_path: Path) -> 
     }
     row = office_table.table_row("SASRec", [older, newer])
     hours = row.rstrip(" |").rsplit("| ", 1)[1]
-    assert hours.startswith("1.50 (") and office_table.machine()["isa"] in hours  # mean of 1 h and 2 h
+    assert hours == f"1.00, 2.00 ({office_table.machine()['isa']})"  # per run: machines differ
     assert office_table.table_row("SASRec", [older]).endswith("| 1.00 |")
 
 
