@@ -62,6 +62,14 @@ def test_rendezvous_from_slurm_environment(slurm: dict, nodelist: str, node_id: 
     assert out == [main_addr, str(20000 + 123456 % 20000), str(node_id), "4"]
 
 
+def _sbatch(env: dict, *args: str) -> str:
+    """Submit from the repository root (the scripts source slurm/common.sh); the job id."""
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", *args], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return submitted.stdout.strip()
+
+
 def _job_state(env: dict, job: str) -> dict:
     shown = subprocess.run(
         ["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True
@@ -109,21 +117,7 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
         "train.patience=10",
     ]
     log = tmp_path / "job.out"
-    job = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            f"--output={log}",
-            "slurm/cpu.sbatch",
-            "lrd_dist/configs/demo.yaml",
-            *overrides,
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    job = _sbatch(env, f"--output={log}", "slurm/cpu.sbatch", "lrd_dist/configs/demo.yaml", *overrides)
     run = tmp_path / "runs" / f"lrd-cpu-{job}"
     metrics = run / "metrics.jsonl"
     diagnosis = lambda: _diagnosis(env, job, log, run)  # noqa: E731
@@ -198,14 +192,7 @@ def test_a_rank_killed_after_the_checkpoint_still_requeues_the_job(
     script.write_text(RACE.format(announce='touch "$LRD_DIST_PREEMPTED_FILE"' if announced else ":"))
     log = tmp_path / "job.out"
     env = slurm | {"RUNS_DIR": str(tmp_path / "runs")}
-    job = subprocess.run(
-        ["sbatch", "--parsable", "--job-name=race", f"--output={log}", str(script)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    job = _sbatch(env, "--job-name=race", f"--output={log}", str(script))
     try:
         _wait(
             lambda: (
