@@ -18,6 +18,12 @@ time (one per core of a 2-core machine at ``--threads 1``). Copies may also be s
 any ``--only``/``--seeds``: a run is claimed by a lock for as long as it trains, and each finished run
 is merged into ``office.json`` under another. A table
 trained elsewhere (another machine, another ``--out``) joins with ``--merge OTHER/office.json``.
+
+A relational run can take longer than a session, and a session's machine may not keep the runs
+directory: ``--park`` packs every unfinished, stopped run's last complete checkpoint into
+``parked/office/`` (committed with the checkout), and a later run of the table unpacks it when its own
+runs directory has no checkpoint of that run and continues it; the archive is deleted once the run is
+in ``office.json``. See ``parked/README.md``.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +46,14 @@ from pathlib import Path
 import matplotlib
 import yaml
 
+from lrd_dist.train.checkpoint import complete_checkpoints
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "office"
+PARKED = REPO / "parked" / "office"
 OFFICIAL = ["train.early_stop=official", "eval.metric=NDCG@5", "train.epochs=200", "eval.ks=[5,10,20,50]"]
 # name -> (label, config file, extra overrides); the order is the order they are trained in
 RUNS: dict[str, tuple[str, str, list[str]]] = {
@@ -126,9 +137,17 @@ def main() -> int:
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=[], help="office.json files of tables trained elsewhere"
     )
+    parser.add_argument(
+        "--park", action="store_true", help="pack every stopped, unfinished run into --parked, and exit"
+    )
+    parser.add_argument(
+        "--parked", type=Path, default=PARKED, help="where parked runs are packed and unpacked from"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     table_file = args.out / "office.json"
+    if args.park:
+        return park(args.runs, args.parked, load_table(table_file))
     for other in args.merge:
         merge(other, args.out)
     if not args.report_only and not args.merge:
@@ -145,9 +164,14 @@ def main() -> int:
                         continue
                     previous = load_table(table_file)["runs"].get(key, {})
                     if previous.get("status") != "done":
-                        record(table_file, {key: run_one(args, name, seed, previous)})
+                        unpark(run, args.parked)
+                        entry = run_one(args, name, seed, previous)
+                        record(table_file, {key: entry})
+                        if entry["status"] == "done":
+                            retire(run, args.parked)
                         continue
                     print(f"{key}: done, skipped", flush=True)
+                    retire(run, args.parked)  # finished elsewhere (--merge) or before it was deleted
                     if "train_seconds" not in previous and (run / "metrics.jsonl").is_file():  # older entry
                         record(
                             table_file,
@@ -178,6 +202,108 @@ def claim(run: Path) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+def archive_of(run: Path, parked: Path) -> Path:
+    return parked / f"{run.parent.name}_{run.name}.tar.gz"
+
+
+def park(runs: Path, parked: Path, table: dict) -> int:
+    """Pack each unfinished run that has a complete checkpoint and is not training (its lock is free)
+    into ``parked/NAME_seedS.tar.gz``: the checkpoint, ``config.yaml``, ``metrics.jsonl`` and
+    ``best.safetensors``, which is all ``checkpoint.resume=auto`` needs to continue it exactly."""
+    parked.mkdir(parents=True, exist_ok=True)
+    busy = 0
+    for run in sorted(p for p in runs.glob("*/seed*") if p.is_dir()):
+        key = f"{run.parent.name}/{run.name}"
+        found = complete_checkpoints(run / "checkpoints")
+        if table["runs"].get(key, {}).get("status") == "done" or not found:
+            continue
+        with claim(run) as ours:
+            if not ours:
+                print(
+                    f"{key}: still training, not parked: stop its `lrd-dist train` first (SIGTERM "
+                    "checkpoints and exits 75), then park again",
+                    flush=True,
+                )
+                busy += 1
+                continue
+            attempts = table["runs"].get(key, {}).get("attempts", [])
+            about = {
+                "commit": attempts[-1]["commit"] if attempts else commit(),
+                "parked": time.strftime("%Y-%m-%d"),
+            }
+            archive = archive_of(run, parked)
+            partial = archive.with_name(archive.name + ".partial")
+            with tarfile.open(partial, "w:gz") as tar:
+                for name in ("config.yaml", "metrics.jsonl", "best.safetensors", "results.json"):
+                    if (run / name).is_file():
+                        tar.add(run / name, f"{key}/{name}")
+                tar.add(found[-1], f"{key}/checkpoints/{found[-1].name}")
+                info = tarfile.TarInfo(f"{key}/parked.json")
+                data = json.dumps(about, indent=1).encode()
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            partial.replace(archive)  # a park interrupted halfway leaves the previous archive
+            print(f"{key}: parked {found[-1].name} in {archive}", flush=True)
+    write_index(parked)
+    return 1 if busy else 0
+
+
+def unpark(run: Path, parked: Path) -> None:
+    """Restore ``run`` from its parked archive when this runs directory holds no checkpoint of it (a
+    checkpoint here is as new as the archive or newer, so it wins)."""
+    archive = archive_of(run, parked)
+    if not archive.is_file() or complete_checkpoints(run / "checkpoints"):
+        return
+    key = f"{run.parent.name}/{run.name}"
+    with tarfile.open(archive) as tar:
+        strays = [m.name for m in tar.getmembers() if not m.name.startswith(f"{key}/")]
+        if strays:
+            raise SystemExit(
+                f"{archive}: holds {strays[0]!r}, not a file of run {key}: "
+                "an archive is named after the run it parks; remove or rename it"
+            )
+        tar.extractall(run.parent.parent, filter="data")  # the data filter refuses links and escapes
+    print(f"{key}: unpacked from {archive}; resuming it", flush=True)
+
+
+def retire(run: Path, parked: Path) -> None:
+    """A parked run has finished and is in office.json: its archive has served."""
+    archive = archive_of(run, parked)
+    if archive.is_file():
+        archive.unlink()
+        write_index(parked)
+        print(f"{archive} deleted: its run is in office.json (commit the deletion)", flush=True)
+
+
+def write_index(parked: Path) -> None:
+    """``parked/INDEX.md``: what each archive holds, read from the archive (its checkpoint and epoch
+    log; the commit and date from the ``parked.json`` that ``park`` adds)."""
+    rows = [
+        "| archive | run | checkpoint | epochs done | best dev NDCG@5 (epoch) | trained at | parked |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for archive in sorted(parked.glob("*.tar.gz")):
+        key = archive.name.removesuffix(".tar.gz").replace("_seed", "/seed")
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+            about = (
+                json.loads(tar.extractfile(f"{key}/parked.json").read())
+                if f"{key}/parked.json" in names
+                else {}
+            )
+            log = tar.extractfile(f"{key}/metrics.jsonl").read().decode()
+        checkpoints = sorted({n.split("/")[3] for n in names if n.startswith(f"{key}/checkpoints/step-")})
+        curve = dev_curve_of(log)
+        best = max(range(len(curve)), key=curve.__getitem__) if curve else None
+        best_text = f"{curve[best]:.4f} ({best + 1})" if best is not None else "–"
+        rows.append(
+            f"| `{archive.name}` ({archive.stat().st_size / 2**20:.0f} MB) | {key} "
+            f"| {', '.join(checkpoints)} | {len(curve)} | {best_text} "
+            f"| `{str(about.get('commit', '?'))[:7]}` | {about.get('parked', '?')} |"
+        )
+    (parked / "INDEX.md").write_text("\n".join(rows) + "\n")
 
 
 def load_table(table_file: Path) -> dict:
@@ -343,12 +469,20 @@ def run_one(args: argparse.Namespace, name: str, seed: int, previous: dict) -> d
 
 
 def epoch_entries(metrics: Path) -> list[dict]:
-    entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return epoch_entries_of(metrics.read_text())
+
+
+def epoch_entries_of(log: str) -> list[dict]:
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
     return [e for e in entries if "epoch_seconds" in e]
 
 
 def dev_curve(metrics: Path) -> list[float]:
-    return [e["dev/NDCG@5"] for e in epoch_entries(metrics) if "dev/NDCG@5" in e]
+    return dev_curve_of(metrics.read_text())
+
+
+def dev_curve_of(log: str) -> list[float]:
+    return [e["dev/NDCG@5"] for e in epoch_entries_of(log) if "dev/NDCG@5" in e]
 
 
 def train_seconds(metrics: Path) -> float:

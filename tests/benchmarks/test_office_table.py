@@ -3,6 +3,7 @@ elsewhere, must neither lose a finished run nor take an unfinished one."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,75 @@ def test_a_run_being_trained_by_another_copy_is_not_claimed_twice(tmp_path: Path
             assert other_seed
     with office_table.claim(run) as after:  # released when the first copy is done with it
         assert after
+
+
+def _stopped_run(runs: Path, key: str) -> Path:
+    """A run directory as `lrd-dist train` leaves it when stopped by a signal: two complete
+    checkpoints, one being written (no COMPLETE marker), and an epoch log."""
+    run = runs / key
+    for step, complete in ((100, True), (150, True), (160, False)):
+        checkpoint = run / "checkpoints" / f"step-{step:08d}"
+        (checkpoint / "accelerate").mkdir(parents=True)
+        (checkpoint / "accelerate" / "model.safetensors").write_bytes(bytes([step % 256]) * 64)
+        if complete:
+            (checkpoint / "COMPLETE").write_text("{}")
+    lines = [
+        {"epoch": e, "step": 50 * (e + 1), "epoch_seconds": 1.0, "dev/NDCG@5": v}
+        for e, v in enumerate([0.2, 0.3, 0.25])
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run / "config.yaml").write_text("train:\n  seed: 1\n")
+    (run / "best.safetensors").write_bytes(b"best")
+    return run
+
+
+def test_a_parked_run_comes_back_with_its_last_complete_checkpoint(tmp_path: Path) -> None:
+    runs, parked = tmp_path / "runs", tmp_path / "parked"
+    run = _stopped_run(runs, "kda_lrd/seed1")
+    _stopped_run(runs, "kda/seed0")  # finished: office.json has it, nothing to park
+    table = {
+        "runs": {
+            "kda/seed0": _entry("kda", 0, 0.3),
+            "kda_lrd/seed1": {"status": "failed", "attempts": [{"commit": "abcdef1234"}]},
+        }
+    }
+    assert office_table.park(runs, parked, table) == 0
+    assert sorted(p.name for p in parked.iterdir()) == ["INDEX.md", "kda_lrd_seed1.tar.gz"]
+    index = (parked / "INDEX.md").read_text()
+    assert "| kda_lrd/seed1 | step-00000150 | 3 | 0.3000 (2) | `abcdef1` |" in index
+
+    kept = {
+        p.relative_to(run): p.read_bytes()
+        for p in run.rglob("*")
+        if p.is_file() and "step-00000100" not in str(p) and "step-00000160" not in str(p)
+    }
+    shutil.rmtree(runs)  # the next session's machine has no runs directory
+    office_table.unpark(run, parked)
+    back = {
+        p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "parked.json"
+    }
+    assert back == kept
+    assert [p.name for p in office_table.complete_checkpoints(run / "checkpoints")] == ["step-00000150"]
+
+    (run / "best.safetensors").write_bytes(b"newer")  # a checkpoint here wins over the archive
+    office_table.unpark(run, parked)
+    assert (run / "best.safetensors").read_bytes() == b"newer"
+
+    office_table.retire(run, parked)
+    assert not (parked / "kda_lrd_seed1.tar.gz").exists()
+    assert "kda_lrd" not in (parked / "INDEX.md").read_text()
+
+
+def test_a_run_still_training_is_not_parked_and_a_foreign_archive_is_refused(tmp_path: Path) -> None:
+    runs, parked = tmp_path / "runs", tmp_path / "parked"
+    run = _stopped_run(runs, "rcf/seed2")
+    with office_table.claim(run) as ours:  # the runner training it holds the lock
+        assert ours
+        assert office_table.park(runs, parked, {"runs": {}}) == 1
+    assert not list(parked.glob("*.tar.gz"))
+
+    office_table.park(runs, parked, {"runs": {}})
+    (parked / "rcf_seed2.tar.gz").rename(parked / "rcf_seed0.tar.gz")  # another run's archive
+    with pytest.raises(SystemExit, match=r"rcf_seed0\.tar\.gz: holds 'rcf/seed2/"):
+        office_table.unpark(runs / "rcf" / "seed0", parked)
+    assert not (runs / "rcf" / "seed0").exists()
