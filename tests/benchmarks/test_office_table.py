@@ -178,3 +178,28 @@ def test_a_run_still_training_is_not_parked_and_a_foreign_archive_is_refused(tmp
     with pytest.raises(SystemExit, match=r"rcf_seed0\.tar\.gz: holds 'rcf/seed2/"):
         office_table.unpark(runs / "rcf" / "seed0", parked)
     assert not (runs / "rcf" / "seed0").exists()
+
+
+def test_the_goals_are_stated_from_the_runs_whichever_way_they_go() -> None:
+    def setting(model: str, ndcgs: list[float]) -> list[dict]:
+        return [_entry(model, seed, ndcg) for seed, ndcg in enumerate(ndcgs)]
+
+    by_setting = {name: [] for name in office_table.SETTINGS}
+    by_setting["kda_lrd"] = setting("kda_lrd", [0.36, 0.37, 0.38])  # +0.05 over KDA, spread 0.01
+    by_setting["kda"] = setting("kda", [0.31, 0.32, 0.33])
+    by_setting["rcf_lrd"] = setting("rcf_lrd", [0.30, 0.34, 0.38])  # +0.01 over RCF, spread 0.04
+    by_setting["rcf"] = setting("rcf", [0.32, 0.33, 0.34])
+    by_setting["kda_lrd_latent4"] = setting("kda_lrd_latent4", [0.39, 0.40])  # the best open KDA+LRD
+    lines = office_table.goal_lines(by_setting)
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:5]): line for line in lines if line.startswith("| (")
+    }
+
+    kda = rows[("(a)", "KDA+LRD (3 seeds)", "KDA (3 seeds)", "99 sampled negatives")]
+    assert "| +0.0500 | 0.0100 | 6.12 (4.0) | yes |" in kda
+    rcf = rows[("(a)", "RCF+LRD (3 seeds)", "RCF (3 seeds)", "full ranking")]
+    assert "| +0.0020 | 0.0080 |" in rcf and rcf.endswith("| no |")  # full ranking is ndcg / 5 here
+    (goal_b,) = (line for key, line in rows.items() if key[0] == "(b)")
+    assert "4 latent relations (2 seeds)" in goal_b and "| +0.0069 |" in goal_b and goal_b.endswith("| yes |")
+    # one seed has no spread: no goal (a) row for it, and a table with none of the rows says nothing
+    assert office_table.goal_lines({name: [] for name in office_table.SETTINGS}) == []
