@@ -550,6 +550,10 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return diff, diff / math.sqrt(va + vb), dof
 
 
+def seeds(count: int) -> str:
+    return f"{count} seed{'s' if count != 1 else ''}"
+
+
 def goal_lines(by_setting: dict[str, list[dict]]) -> list[str]:
     """The table's goals, stated from the finished runs whichever way they go: (a) an LRD model beats
     its model without LRD by more than the seed spread (the larger sample std of the two rows), on
@@ -575,7 +579,8 @@ def goal_lines(by_setting: dict[str, list[dict]]) -> list[str]:
             diff, t, dof = welch(x, y)
             spread = max(statistics.stdev(x), statistics.stdev(y))
             lines.append(
-                f"| (a) | {SETTINGS[with_lrd][0]} ({len(a)} seeds) | {SETTINGS[without][0]} ({len(b)} seeds) "
+                f"| (a) | {SETTINGS[with_lrd][0]} ({seeds(len(a))}) "
+                f"| {SETTINGS[without][0]} ({seeds(len(b))}) "
                 f"| {protocol} | {diff:+.4f} | {spread:.4f} | {t:.2f} ({dof:.1f}) "
                 f"| {'yes' if diff > spread else 'no'} |"
             )
@@ -586,9 +591,9 @@ def goal_lines(by_setting: dict[str, list[dict]]) -> list[str]:
         ndcg = [r["test"]["NDCG@10"] for r in runs]
         authors = AUTHORS["KDA+LRD"]["NDCG@10"]
         lines.append(
-            f"| (b) | best open KDA+LRD setting: {SETTINGS[best][0]} ({len(runs)} seeds) | the authors' "
+            f"| (b) | best open KDA+LRD setting: {SETTINGS[best][0]} ({seeds(len(runs))}) | the authors' "
             f"{authors:.4f} | 99 sampled negatives | {statistics.mean(ndcg) - authors:+.4f} "
-            f"| {statistics.stdev(ndcg) if len(ndcg) > 1 else float('nan'):.4f} | – "
+            f"| {f'{statistics.stdev(ndcg):.4f}' if len(ndcg) > 1 else '– (one seed)'} | – "
             f"| {'yes' if statistics.mean(ndcg) >= authors else 'no'} |"
         )
     return lines if len(lines) > 5 else []
