@@ -20,7 +20,8 @@ is merged into ``office.json`` under another. A table
 trained elsewhere (another machine, another ``--out``) joins with ``--merge OTHER/office.json``.
 
 A relational run can take longer than a session, and a session's machine may not keep the runs
-directory: ``--park`` packs every unfinished, stopped run's last complete checkpoint into
+directory: SIGTERM stops the table (the run in flight checkpoints and is recorded as stopped; no
+other starts; exit 75), then ``--park`` packs every unfinished, stopped run's last complete checkpoint into
 ``parked/office/`` (committed with the checkout), and a later run of the table unpacks it when its own
 runs directory has no checkpoint of that run and continues it; the archive is deleted once the run is
 in ``office.json``. See ``parked/README.md``.
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,7 @@ import matplotlib
 import yaml
 
 from lrd_dist.train.checkpoint import complete_checkpoints
+from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -156,37 +159,79 @@ def main() -> int:
         prepare(args, names)
         if args.jobs > 1:
             return run_copies(args.jobs)
-        for name in names:
-            for seed in args.seeds:
-                key, run = f"{name}/seed{seed}", args.runs / name / f"seed{seed}"
-                with claim(run) as ours:
-                    if not ours:
-                        print(f"{key}: claimed by another copy of this script, skipped", flush=True)
-                        continue
-                    previous = load_table(table_file)["runs"].get(key, {})
-                    if previous.get("status") != "done":
-                        unpark(run, args.parked)
-                        entry = run_one(args, name, seed, previous)
-                        record(table_file, {key: entry})
-                        if entry["status"] == "done":
-                            retire(run, args.parked)
-                        continue
-                    print(f"{key}: done, skipped", flush=True)
-                    retire(run, args.parked)  # finished elsewhere (--merge) or before it was deleted
-                    if "train_seconds" not in previous and (run / "metrics.jsonl").is_file():  # older entry
-                        record(
-                            table_file,
-                            {key: previous | {"train_seconds": train_seconds(run / "metrics.jsonl")}},
-                        )
+        STOP.install()
+        for name, seed in ((name, seed) for name in names for seed in args.seeds):
+            if STOP.signal is not None:
+                break
+            key, run = f"{name}/seed{seed}", args.runs / name / f"seed{seed}"
+            with claim(run) as ours:
+                if not ours:
+                    print(f"{key}: claimed by another copy of this script, skipped", flush=True)
+                    continue
+                previous = load_table(table_file)["runs"].get(key, {})
+                if previous.get("status") != "done":
+                    unpark(run, args.parked)
+                    entry = run_one(args, name, seed, previous)
+                    record(table_file, {key: entry})
+                    if entry["status"] == "done":
+                        retire(run, args.parked)
+                    continue
+                print(f"{key}: done, skipped", flush=True)
+                retire(run, args.parked)  # finished elsewhere (--merge) or before it was deleted
+                if "train_seconds" not in previous and (run / "metrics.jsonl").is_file():  # older entry
+                    record(
+                        table_file,
+                        {key: previous | {"train_seconds": train_seconds(run / "metrics.jsonl")}},
+                    )
     write_report(load_table(table_file), args.out)
+    if STOP.signal is not None:
+        print(f"stopped for {signal.Signals(STOP.signal).name}: park with --park", flush=True)
+        return REQUEUE_EXIT_CODE
     return 0
+
+
+class Stop:
+    """SIGTERM or SIGUSR1 to the table (a scheduler's preemption, or a session about to end): the
+    training in flight gets the same signal, so it checkpoints and exits 75; its attempt is recorded
+    as stopped, no further run starts, and the table exits 75 (``--park`` can then pack what stopped).
+    A full-ranking evaluation or relation report in flight finishes first: it takes minutes, and a
+    run is only recorded whole."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.children: list[subprocess.Popen] = []  # the training in flight, or the copies of --jobs
+
+    def install(self) -> None:
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, _frame) -> None:
+        self.signal = number
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(number)
+
+    @contextlib.contextmanager
+    def forwarding_to(self, child: subprocess.Popen) -> Iterator[None]:
+        self.children.append(child)
+        if self.signal is not None:  # it came between the check before the run and the start
+            child.send_signal(self.signal)
+        try:
+            yield
+        finally:
+            self.children.remove(child)
+
+
+STOP = Stop()
 
 
 def run_copies(jobs: int) -> int:
     """``jobs`` copies of this command walk the same list of runs; each run's lock (``claim``) gives it
     to the first copy that reaches it, so the copies share the list like workers of one queue."""
     command = [sys.executable, __file__, *sys.argv[1:], "--jobs", "1"]  # argparse keeps the last --jobs
+    STOP.install()
     copies = [subprocess.Popen(command) for _ in range(jobs)]
+    STOP.children += copies  # each copy forwards the signal to its own training
     return max(copy.wait() for copy in copies)
 
 
@@ -350,11 +395,18 @@ def merge(other: Path, out: Path) -> None:
     print(f"merged {len(new)} finished runs from {other}: {', '.join(sorted(new)) or 'none'}", flush=True)
 
 
-def lrd_dist(*command: str, threads: int) -> subprocess.CompletedProcess:
+def lrd_dist(*command: str, threads: int, stoppable: bool = False) -> subprocess.CompletedProcess:
+    """One ``lrd-dist`` command; a ``stoppable`` one (a training) receives the table's stop signal."""
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "lrd_dist.cli", *command], env=env, cwd=REPO, capture_output=True, text=True
-    )
+    argv = [sys.executable, "-m", "lrd_dist.cli", *command]
+    with (
+        subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as child,
+        STOP.forwarding_to(child) if stoppable else contextlib.nullcontext(),
+    ):
+        stdout, stderr = child.communicate()
+    return subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
 
 
 def checked(result: subprocess.CompletedProcess, what: str) -> str:
@@ -420,9 +472,12 @@ def run_one(args: argparse.Namespace, name: str, seed: int, previous: dict) -> d
     command = ["train", "--config", str(CONFIGS / config), *overrides]
     print(f"{name}/seed{seed}: lrd-dist {' '.join(command)}", flush=True)
     started, code = time.perf_counter(), commit()  # at the start: the checkout may move while it trains
-    result = lrd_dist(*command, threads=args.threads)
+    result = lrd_dist(*command, threads=args.threads, stoppable=True)
     attempt = {"seconds": time.perf_counter() - started, "commit": code, "machine": machine()}
     attempts = [*previous.get("attempts", []), attempt]
+    if result.returncode == REQUEUE_EXIT_CODE:
+        print(f"{name}/seed{seed}: stopped with a checkpoint; it resumes from it", flush=True)
+        return {"status": "stopped", "attempts": attempts}
     if result.returncode != 0:
         print(result.stderr[-4000:], file=sys.stderr)
         return {"status": "failed", "attempts": attempts}

@@ -4,6 +4,10 @@ elsewhere, must neither lose a finished run nor take an unfinished one."""
 import importlib.util
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +207,34 @@ def test_the_goals_are_stated_from_the_runs_whichever_way_they_go() -> None:
     assert "4 latent relations (2 seeds)" in goal_b and "| +0.0069 |" in goal_b and goal_b.endswith("| yes |")
     # one seed has no spread: no goal (a) row for it, and a table with none of the rows says nothing
     assert office_table.goal_lines({name: [] for name in office_table.SETTINGS}) == []
+
+
+def test_a_stop_signal_checkpoints_the_run_in_flight_records_it_and_starts_no_other(
+    tmp_path: Path, synth_with_embeddings: Path
+) -> None:
+    """How a session that must end (or a scheduler) stops the table before ``--park``."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    table_command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "office_table.py"),
+        *("--data", str(synth_with_embeddings), "--runs", str(runs), "--out", str(out)),
+        *("--only", "sasrec", "--seeds", "0", "1", "--parked", str(tmp_path / "parked")),
+    ]
+    metrics = runs / "sasrec" / "seed0" / "metrics.jsonl"
+    with subprocess.Popen(
+        table_command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as table:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and '"epoch_seconds"' in metrics.read_text()):  # one epoch in
+            assert table.poll() is None and time.monotonic() < deadline, table.stdout.read()
+            time.sleep(0.1)
+        table.send_signal(signal.SIGTERM)
+        output, _ = table.communicate(timeout=300)
+
+    assert table.returncode == 75, output
+    entry = json.loads((out / "office.json").read_text())["runs"]["sasrec/seed0"]
+    assert entry["status"] == "stopped" and len(entry["attempts"]) == 1
+    last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    (*_, checkpoint) = office_table.complete_checkpoints(runs / "sasrec" / "seed0" / "checkpoints")
+    assert int(checkpoint.name.split("-")[1]) >= last_step  # written where it stopped
+    assert not (runs / "sasrec" / "seed1").exists()  # the next run never started
