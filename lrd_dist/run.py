@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lrd_dist.config import RunConfig
 from lrd_dist.data.catalog import Catalog
-from lrd_dist.data.format import CATALOG, MANIFEST, Manifest, sha256_of
+from lrd_dist.data.format import CATALOG, DataIdentity, Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.remote import local_view
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
@@ -39,7 +39,7 @@ class Run:
     config: RunConfig
     data_dir: Path
     manifest: Manifest
-    data_checksum: str  # sha256 of the manifest: what a checkpoint was trained on
+    data_identity: DataIdentity  # what a checkpoint records of the data it was trained on
     catalog: Catalog
     graph: KnowledgeGraph
     model: Recommender
@@ -89,7 +89,7 @@ def build_run(
     graph = KnowledgeGraph(catalog, latent=config.model.latent_relations if relational else 0)
     item_text = build_item_text(config, catalog, lockstep=lockstep)
     model = build_model(config, manifest.num_users, graph, item_text, attention)
-    return Run(config, data, manifest, sha256_of(data / MANIFEST), catalog, graph, model)
+    return Run(config, data, manifest, DataIdentity.of(data, manifest), catalog, graph, model)
 
 
 CONFIG_KEY = "lrd_dist.config"  # the run config (YAML) in a weight file's safetensors metadata

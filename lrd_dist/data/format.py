@@ -36,6 +36,9 @@ SPLITS = ("train", "dev", "test")
 # synthetic data) follow and are named in the manifest.
 SCALAR_FIELDS = ("user", "target", "target_time", "history_length")
 ARRAY_FIELDS = ("history_items", "history_times")
+# Stats that measure the preparation that wrote a dataset, not the data: two preparations of the same
+# data differ in them, so a dataset's fingerprint leaves them out.
+PREPARATION_STATS = frozenset({"prepare_seconds"})
 
 
 @dataclass
@@ -64,6 +67,14 @@ class Manifest:
     shards: list[ShardInfo]
     stats: dict[str, float | int | str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def fingerprint(self) -> str:
+        """sha256 of what the dataset is: the manifest (counts, shards with their sha256, stats) without
+        ``PREPARATION_STATS``, so the same data prepared again, on another day or machine, has the
+        same fingerprint and a checkpoint trained on one resumes on the other."""
+        content = asdict(self)
+        content["stats"] = {k: v for k, v in self.stats.items() if k not in PREPARATION_STATS}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -97,6 +108,21 @@ class Manifest:
             return cls(**raw)
         except TypeError as exc:
             raise InputError(path, f"unexpected manifest content ({exc})", "re-run the preparation") from exc
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a checkpoint records of the dataset it was trained on, and what a resume compares."""
+
+    fingerprint: str  # Manifest.fingerprint(): recorded by every checkpoint written since 2026-12-06
+    manifest_sha256: str  # the manifest file's bytes: what older checkpoints recorded
+
+    @classmethod
+    def of(cls, directory: Path, manifest: Manifest) -> DataIdentity:
+        return cls(manifest.fingerprint(), sha256_of(directory / MANIFEST))
+
+    def matches(self, recorded: str) -> bool:
+        return recorded in (self.fingerprint, self.manifest_sha256)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from lrd_dist.config import RunConfig, upgrade
-from lrd_dist.data.format import sha256_of
+from lrd_dist.data.format import DataIdentity, sha256_of
 from lrd_dist.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def save_checkpoint(
     config: RunConfig,
     state: TrainerState,
     rank_state: dict,
-    data_checksum: str,
+    data_fingerprint: str,
     keep: int,
     save_extra: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -146,7 +146,7 @@ def save_checkpoint(
             "state": asdict(state),
             "world_size": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
-            "data_checksum": data_checksum,
+            "data_checksum": data_fingerprint,  # the key older checkpoints use
             "config": asdict(config),
         }
         _write_json(staging / TRAINER, trainer)
@@ -191,7 +191,7 @@ def find_resume_point(config: RunConfig) -> Path | None:
 
 
 def verify_checkpoint(
-    path: Path, config: RunConfig, data_checksum: str, world_size: int, deepspeed: bool
+    path: Path, config: RunConfig, data: DataIdentity, world_size: int, deepspeed: bool
 ) -> dict:
     """Refuse a checkpoint that is incomplete, damaged, or from another model or dataset."""
     marker = path / COMPLETE
@@ -214,11 +214,11 @@ def verify_checkpoint(
             )
     trainer = json.loads((path / TRAINER).read_text())
     if not config.checkpoint.force:
-        if trainer["data_checksum"] != data_checksum:
+        if not data.matches(trainer["data_checksum"]):
             raise InputError(
                 path,
-                f"made with another dataset (manifest sha256 {trainer['data_checksum'][:12]}, "
-                f"now {data_checksum[:12]})",
+                f"made with another dataset (fingerprint {trainer['data_checksum'][:12]}, "
+                f"now {data.fingerprint[:12]})",
                 "point data.dir at the dataset it was trained on, or set checkpoint.force=true",
             )
         changed = config_changes(trainer["config"], config, path)
@@ -281,14 +281,14 @@ def position_for_world_size(batches: int, saved_per_epoch: int, per_epoch: int, 
 
 
 def load_checkpoint(
-    accelerator: Accelerator, path: Path, config: RunConfig, data_checksum: str
+    accelerator: Accelerator, path: Path, config: RunConfig, data: DataIdentity
 ) -> tuple[TrainerState, dict | None]:
     """Collective. Returns the trainer state and this rank's saved state (None when the world
     size changed)."""
     deepspeed = accelerator.state.deepspeed_plugin is not None
     error = None
     try:
-        trainer = verify_checkpoint(path, config, data_checksum, accelerator.num_processes, deepspeed)
+        trainer = verify_checkpoint(path, config, data, accelerator.num_processes, deepspeed)
     except InputError as exc:
         error = exc
     # All ranks agree before anyone loads: one refusing rank stops them all with the same message.

@@ -157,7 +157,7 @@ class Trainer:
         if checkpoint is None:
             return False
         self.state, rank_state = load_checkpoint(
-            self.accelerator, checkpoint, self.config, self.run.data_checksum
+            self.accelerator, checkpoint, self.config, self.run.data_identity
         )
         self.schedules.load_state_dict(self.state.scheduler)
         if rank_state is not None:
@@ -345,7 +345,7 @@ class Trainer:
             self.config,
             state,
             rank_state,
-            self.run.data_checksum,
+            self.run.data_identity.fingerprint,
             self.config.checkpoint.keep,
             save_extra,
         )

@@ -93,11 +93,46 @@ def test_resume_refuses_damaged_and_foreign_checkpoints(
     other_data = tmp_path / "other_data"
     shutil.copytree(synth_with_embeddings, other_data)
     manifest = other_data / "manifest.json"
-    manifest.write_text(manifest.read_text() + "\n")  # same content, another checksum: another dataset
+    content = json.loads(manifest.read_text())
+    content["num_interactions"] += 1
+    manifest.write_text(json.dumps(content))
     with pytest.raises(InputError, match="another dataset"):
         _resume(other_data, checkpointed_run, tmp_path, source)
     forced = _resume(other_data, checkpointed_run, tmp_path, source, "checkpoint.force=true")
     assert forced["steps"] == 14  # continued from step 12
+
+
+def test_the_same_data_prepared_again_resumes_and_an_older_checkpoint_resumes_on_its_own_manifest(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
+) -> None:
+    """A preparation's own timing and the file's layout are not the data: a checkpoint resumes on the
+    same data prepared again (seen 2026-12-06: a parked Office run refused after a re-prepare whose
+    manifest differed only in ``prepare_seconds``). A checkpoint written before the fingerprint
+    recorded the manifest file's sha256: it resumes on that very file, and is refused on another."""
+    from lrd_dist.data.format import sha256_of
+    from lrd_dist.train.checkpoint import verify_checkpoint
+
+    source = complete_checkpoints(checkpointed_run / "checkpoints")[-1]
+    again = tmp_path / "prepared_again"
+    shutil.copytree(synth_with_embeddings, again)
+    manifest = again / "manifest.json"
+    content = json.loads(manifest.read_text())
+    content["stats"]["prepare_seconds"] = 123.456
+    manifest.write_text(json.dumps(content, indent=1))
+    assert sha256_of(manifest) != sha256_of(synth_with_embeddings / "manifest.json")
+    resumed = _resume(again, checkpointed_run, tmp_path, source)
+    assert resumed["steps"] == 14  # continued from step 12, not refused
+
+    config = load_config(None, _overrides(again, tmp_path / "r", "checkpoint.resume=auto"))
+    older = tmp_path / "older"
+    shutil.copytree(source, older)
+    _rewrite_trainer(older, lambda trainer: trainer.update(data_checksum=sha256_of(manifest)))
+    same_file = _identity(again)
+    assert verify_checkpoint(older, config, same_file, 1, False)["state"]["step"] == 12
+    original = _identity(synth_with_embeddings)
+    assert original.fingerprint == same_file.fingerprint
+    with pytest.raises(InputError, match="another dataset"):
+        verify_checkpoint(older, config, original, 1, False)
 
 
 def test_auto_resume_skips_an_interrupted_save(
@@ -171,10 +206,16 @@ def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tm
 def _rewrite_trainer_config(checkpoint: Path, change) -> dict:
     """Edit a checkpoint's stored config as an earlier version would have written it, keeping the
     COMPLETE marker consistent."""
+    return _rewrite_trainer(checkpoint, lambda trainer: change(trainer["config"]))
+
+
+def _rewrite_trainer(checkpoint: Path, change) -> dict:
+    """Edit a checkpoint's trainer.json as an earlier version would have written it, keeping the
+    COMPLETE marker consistent."""
     from lrd_dist.train.checkpoint import COMPLETE, TRAINER, sha256_of
 
     trainer = json.loads((checkpoint / TRAINER).read_text())
-    change(trainer["config"])
+    change(trainer)
     (checkpoint / TRAINER).write_text(json.dumps(trainer))
     marker = json.loads((checkpoint / COMPLETE).read_text())
     marker["files"][TRAINER] = {
@@ -183,6 +224,12 @@ def _rewrite_trainer_config(checkpoint: Path, change) -> dict:
     }
     (checkpoint / COMPLETE).write_text(json.dumps(marker))
     return trainer
+
+
+def _identity(data: Path):
+    from lrd_dist.data.format import DataIdentity, Manifest
+
+    return DataIdentity.of(data, Manifest.load(data))
 
 
 def test_a_checkpoint_older_than_a_config_key_resumes_at_that_keys_default(
@@ -197,7 +244,7 @@ def test_a_checkpoint_older_than_a_config_key_resumes_at_that_keys_default(
     trainer = _rewrite_trainer_config(older, lambda config: config["lrd"].pop("pair_features"))
 
     config = load_config(None, _overrides(synth_with_embeddings, tmp_path / "r", "checkpoint.resume=auto"))
-    args = (trainer["data_checksum"], trainer["world_size"], False)
+    args = (_identity(synth_with_embeddings), trainer["world_size"], False)
     assert verify_checkpoint(older, config, *args)["state"] == trainer["state"]
     config.lrd.pair_features = "absdiff"
     with pytest.raises(InputError, match=r"lrd\.pair_features: 'concat' -> 'absdiff'"):
@@ -229,7 +276,7 @@ def test_a_checkpoint_of_the_old_layout_resumes_and_removed_options_must_be_neut
     older = tmp_path / "older"
     shutil.copytree(complete_checkpoints(checkpointed_run / "checkpoints")[-1], older)
     trainer = _rewrite_trainer_config(older, old_layout)
-    args = (trainer["data_checksum"], trainer["world_size"], False)
+    args = (_identity(synth_with_embeddings), trainer["world_size"], False)
     assert verify_checkpoint(older, config, *args)["state"] == trainer["state"]
 
     refused = tmp_path / "refused"
