@@ -50,6 +50,8 @@ from pathlib import Path
 import matplotlib
 import yaml
 
+from lrd_dist.data.format import Manifest, sha256_of
+from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
@@ -457,6 +459,15 @@ def machine() -> dict:
     return {"cpu": info.get("model name", "unknown"), "isa": isa, "cpus": os.cpu_count()}
 
 
+def data_used(data: Path, overrides: list[str]) -> dict:
+    """What an attempt trained on: the dataset's fingerprint (the checkpoints record it too) and the
+    sha256 of its item-text table, which each session embeds anew and may differ in the last bits
+    from one CPU to another."""
+    tables = [o.split("=", 1)[1] for o in overrides if o.startswith("llm.table=")]
+    table = Path(tables[-1]) if tables else data / TABLE_NAME
+    return {"fingerprint": Manifest.load(data).fingerprint(), "item_table_sha256": sha256_of(table)}
+
+
 def run_one(args: argparse.Namespace, name: str, seed: int, previous: dict) -> dict:
     label, config, extra = SETTINGS[name]
     extra = [o.replace("{data}", str(args.data)) for o in extra]
@@ -473,8 +484,9 @@ def run_one(args: argparse.Namespace, name: str, seed: int, previous: dict) -> d
     command = ["train", "--config", str(CONFIGS / config), *overrides]
     print(f"{name}/seed{seed}: lrd-dist {' '.join(command)}", flush=True)
     started, code = time.perf_counter(), commit()  # at the start: the checkout may move while it trains
+    data = data_used(args.data, overrides)
     result = lrd_dist(*command, threads=args.threads, stoppable=True)
-    attempt = {"seconds": time.perf_counter() - started, "commit": code, "machine": machine()}
+    attempt = {"seconds": time.perf_counter() - started, "commit": code, "machine": machine(), "data": data}
     attempts = [*previous.get("attempts", []), attempt]
     if result.returncode == REQUEUE_EXIT_CODE:
         print(f"{name}/seed{seed}: stopped with a checkpoint; it resumes from it", flush=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lrd_dist.data.format import Manifest, sha256_of
 from tests.integration.launch import REPO
 
 spec = importlib.util.spec_from_file_location("office_table", REPO / "benchmarks" / "office_table.py")
@@ -234,6 +235,10 @@ def test_a_stop_signal_checkpoints_the_run_in_flight_records_it_and_starts_no_ot
     assert table.returncode == 75, output
     entry = json.loads((out / "office.json").read_text())["runs"]["sasrec/seed0"]
     assert entry["status"] == "stopped" and len(entry["attempts"]) == 1
+    assert entry["attempts"][0]["data"] == {  # what it trained on, as the checkpoints record it
+        "fingerprint": Manifest.load(synth_with_embeddings).fingerprint(),
+        "item_table_sha256": sha256_of(synth_with_embeddings / "item_embeddings.safetensors"),
+    }
     last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     (*_, checkpoint) = office_table.complete_checkpoints(runs / "sasrec" / "seed0" / "checkpoints")
     assert int(checkpoint.name.split("-")[1]) >= last_step  # written where it stopped
