@@ -10,12 +10,24 @@ The extension is compiled by ``torch.utils.cpp_extension`` on first use (g++ and
 cache shared by different machines never runs instructions a CPU lacks. Where it cannot be built,
 ``available()`` is False and callers use plain torch ops. The choice is made by the run's backend
 (``train/backend.py``), never inside a model's forward.
+
+The build is named by the sha256 of the source and flags and compiles a copy of the source kept in
+its build directory, so every checkout of the same code shares one build (ninja rebuilds when a
+source *path* changes: two checkouts on one machine rebuilt each other's kernel 8 times in an
+hour, seen 2026-12-06). torch's own build lock is a file that a killed build leaves behind, on which
+every later process then waits forever (seen the same day: a test run killed mid-build hung the
+table's next runs); the build is therefore serialised by an ``flock``, which the kernel releases
+when its holder dies, and a lock file found while holding it is a dead build's and is removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,22 +43,54 @@ ISA_FLAGS = {
 }
 
 
-@functools.cache
-def _extension():
-    from torch.utils.cpp_extension import load
-
+def build_plan() -> tuple[str, Path, list[str]]:
+    """The extension's name, build directory and compiler flags on this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ISA_FLAGS:
         capability = "DEFAULT"
     flags = [*ISA_FLAGS.get(capability, []), f"-DCPU_CAPABILITY={capability}", "-O3", "-fopenmp"]
     if capability != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{capability}")
-    return load(
-        name=f"lrd_dist_slot_attention_{capability.lower()}",
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-    )
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"lrd_dist_slot_attention_{capability.lower()}_{digest}"
+    return name, build_root() / name, flags
+
+
+@functools.cache
+def _extension():
+    from torch.utils.cpp_extension import load
+
+    name, build, flags = build_plan()
+    code = SOURCE.read_bytes()
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "lrd_dist.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        (build / "lock").unlink(missing_ok=True)  # torch's lock file: left by a build that died
+        source = build / SOURCE.name
+        if not source.is_file() or source.read_bytes() != code:
+            staged = build / f".{SOURCE.name}.{os.getpid()}"
+            staged.write_bytes(code)
+            os.replace(staged, source)
+        return load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+        )
+
+
+def build_root() -> Path:
+    """Where torch keeps JIT-built extensions: ``TORCH_EXTENSIONS_DIR``, or its default for this
+    Python and build of torch (the folder torch's own ``load`` would use)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    configured = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if configured:
+        return Path(configured)
+    accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 @functools.cache

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +25,41 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torc
 def test_kernel_builds_on_this_machine() -> None:
     """The suite's machines have g++ and ninja; elsewhere the model falls back to torch ops."""
     assert sa.available()
+
+
+def test_one_build_serves_every_checkout_and_a_dead_builds_lock_is_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two checkouts of the same code on one machine share one build (they rebuilt each other's
+    before), and torch's lock file left by a build that was killed does not hang the next process."""
+    repo = Path(sa.__file__).resolve().parents[2]
+    other = tmp_path / "other_checkout"
+    shutil.copytree(repo / "lrd_dist", other / "lrd_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    name, build, _ = sa.build_plan()
+    build.mkdir(parents=True)
+    (build / "lock").touch()  # what a build killed midway leaves
+    load = (
+        "from lrd_dist.models import slot_attention as s; assert s.available(); "
+        "print(s._extension().__file__)"
+    )
+    built = [
+        subprocess.run(
+            [sys.executable, "-c", load],
+            cwd=checkout,
+            env=os.environ,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        for checkout in (repo, other)
+    ]
+    assert [b.returncode for b in built] == [0, 0], [b.stderr[-2000:] for b in built]
+    assert built[0].stdout == built[1].stdout == f"{build / name}.so\n"
+    log = (build / ".ninja_log").read_text().splitlines()[1:]  # "start end mtime output hash" lines
+    compiles = [line for line in log if line.split("\t")[3] == "slot_attention.o"]
+    assert len(compiles) == 1, compiles  # the second checkout loaded the first one's build
+    assert not (build / "lock").exists()
 
 
 # (rows, slots, size, heads): the Office shape; slots beyond one vector of lanes; a head narrower
