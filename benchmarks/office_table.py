@@ -672,26 +672,44 @@ def goal_lines(by_setting: dict[str, list[dict]]) -> list[str]:
     ]
 
 
+def plot_dev_curves(by_setting: dict[str, list[dict]], path: Path) -> None:
+    """Dev NDCG@5 against epoch, one panel per setting of the table and per probe that has runs, on
+    a grid of three columns sharing the y axis."""
+    panels = [n for n in SETTINGS if n in RUNS or by_setting[n]]
+    columns = 3
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.0 * rows), sharey=True, squeeze=False
+    )
+    for axis, name in itertools.zip_longest(axes.flat, panels):
+        if name is None:
+            axis.set_visible(False)
+            continue
+        axis.set_title(SETTINGS[name][0], fontsize=8)
+        for r in by_setting[name]:
+            axis.plot(range(1, len(r["dev_curve"]) + 1), r["dev_curve"], label=f"seed {r['seed']}")
+        if by_setting[name]:
+            axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("dev NDCG@5")
+    for axis in axes[-1]:
+        axis.set_xlabel("epoch")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def write_report(table: dict, out: Path) -> None:
     done = [r for r in table["runs"].values() if r.get("status") == "done"]
     by_setting = {
         name: sorted((r for r in done if r["model"] == name), key=lambda r: r["seed"]) for name in SETTINGS
     }
-    lines = list(HEADER)
-    figure, axes = plt.subplots(1, max(1, len(RUNS)), figsize=(3.2 * len(RUNS), 3.2), sharey=True)
-    for axis, (name, (label, _, _)) in zip(axes, RUNS.items(), strict=True):
-        runs = by_setting[name]
-        axis.set_title(label, fontsize=8)
-        axis.set_xlabel("epoch")
-        for r in runs:
-            axis.plot(range(1, len(r["dev_curve"]) + 1), r["dev_curve"], label=f"seed {r['seed']}")
-        if runs:
-            axis.legend(fontsize=7)
-            lines.append(table_row(label, runs))
-    axes[0].set_ylabel("dev NDCG@5")
-    figure.tight_layout()
-    figure.savefig(out / "office_dev_ndcg5.png", dpi=100)
-    plt.close(figure)
+    lines = [
+        *HEADER,
+        *(table_row(label, by_setting[n]) for n, (label, _, _) in RUNS.items() if by_setting[n]),
+    ]
+    plot_dev_curves(by_setting, out / "office_dev_ndcg5.png")
     for label, figures in AUTHORS.items():
         lines.append(
             f"| {label}, authors' log (1536-d closed embeddings, seed 2019, one run) | 1 | "
