@@ -83,7 +83,7 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
     ),
 }
 # Why our KDA+LRD falls short of the authors' figure: each probe changes one thing of the official
-# KDA+LRD (or SASRec) run. Trained only when named (--probes or --only); "{data}" is --data.
+# KDA+LRD (or KDA, or SASRec) run. Trained only when named (--probes or --only); "{data}" is --data.
 PROBES: dict[str, tuple[str, str, list[str]]] = {
     "kda_lrd_smollm2_last": (
         "KDA+LRD, SmolLM2-135M last-token table",
@@ -109,6 +109,12 @@ PROBES: dict[str, tuple[str, str, list[str]]] = {
     "kda_lrd_sampled_softmax8": (
         "KDA+LRD, sampled softmax over 8 negatives",
         "kda_lrd.yaml",
+        ["train.loss=sampled_softmax", "train.num_negatives=8"],
+    ),
+    # Goal (a) under that objective: KDA without LRD, trained the same way
+    "kda_sampled_softmax8": (
+        "KDA, sampled softmax over 8 negatives",
+        "kda.yaml",
         ["train.loss=sampled_softmax", "train.num_negatives=8"],
     ),
     "sasrec_full_softmax": ("SASRec, softmax over all items", "sasrec.yaml", ["train.loss=full_softmax"]),
@@ -604,7 +610,16 @@ def run_hours(run: dict) -> str:
 
 
 # Goal (a) of the table: each LRD model against the same model without LRD
-LRD_GAINS = {"kda_lrd": "kda", "rcf_lrd": "rcf", "kda_lrd_discovery": "kda", "rcf_lrd_discovery": "rcf"}
+LRD_GAINS = {
+    "kda_lrd": "kda",
+    "rcf_lrd": "rcf",
+    "kda_lrd_discovery": "kda",
+    "rcf_lrd_discovery": "rcf",
+    "kda_lrd_sampled_softmax8": "kda_sampled_softmax8",
+}
+# Settings trained with the official training negatives, which also reject the user's dev and test
+# items (a leak): the authors' figures used them, so goal (b) is stated with and without them.
+LEAKY = {"kda_lrd_official_negatives", "rcf_lrd_official_negatives"}
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -649,11 +664,14 @@ def goal_lines(by_setting: dict[str, list[dict]]) -> list[str]:
         for name, runs in by_setting.items()
         if name.startswith("kda_lrd") and runs
     }
-    if kda_lrd_ndcg:
-        best = max(kda_lrd_ndcg, key=lambda name: statistics.mean(kda_lrd_ndcg[name]))
-        ndcg, authors = kda_lrd_ndcg[best], AUTHORS["KDA+LRD"]["NDCG@10"]
+    for leaky, which in ((False, "best open KDA+LRD setting"), (True, "with the official negatives")):
+        candidates = {name: v for name, v in kda_lrd_ndcg.items() if (name in LEAKY) == leaky}
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda name: statistics.mean(candidates[name]))
+        ndcg, authors = candidates[best], AUTHORS["KDA+LRD"]["NDCG@10"]
         rows.append(
-            f"| (b) | best open KDA+LRD setting: {SETTINGS[best][0]} ({seeds(len(ndcg))}) | the authors' "
+            f"| (b) | {which}: {SETTINGS[best][0]} ({seeds(len(ndcg))}) | the authors' "
             f"{authors:.4f} | 99 sampled negatives | {statistics.mean(ndcg) - authors:+.4f} "
             f"| {f'{statistics.stdev(ndcg):.4f}' if len(ndcg) > 1 else '– (one seed)'} | – "
             f"| {'yes' if statistics.mean(ndcg) >= authors else 'no'} |"
@@ -720,7 +738,11 @@ def write_report(table: dict, out: Path) -> None:
         table_row(label, by_setting[name]) for name, (label, _, _) in PROBES.items() if by_setting[name]
     ]
     if probes:
-        lines += ["", "Gap probes: each changes one thing of the official KDA+LRD (or SASRec) run.", ""]
+        lines += [
+            "",
+            "Gap probes: each changes one thing of the official KDA+LRD (or KDA, or SASRec) run.",
+            "",
+        ]
         lines += [*HEADER, *probes]
     lines += goal_lines(by_setting)
     (out / "office.md").write_text("\n".join(lines) + "\n")

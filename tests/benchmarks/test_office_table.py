@@ -206,6 +206,13 @@ def test_the_goals_are_stated_from_the_runs_whichever_way_they_go() -> None:
     assert "| +0.0020 | 0.0080 |" in rcf and rcf.endswith("| no |")  # full ranking is ndcg / 5 here
     (goal_b,) = (line for key, line in rows.items() if key[0] == "(b)")
     assert "4 latent relations (2 seeds)" in goal_b and "| +0.0069 |" in goal_b and goal_b.endswith("| yes |")
+    # a setting with the leaky official negatives is stated apart, never as the open setting's best
+    by_setting["kda_lrd_official_negatives"] = setting("kda_lrd_official_negatives", [0.40, 0.41])
+    lines = office_table.goal_lines(by_setting)
+    goal_b = [line for line in lines if line.startswith("| (b) |")]
+    assert len(goal_b) == 2 and "best open KDA+LRD setting: KDA+LRD, 4 latent relations" in goal_b[0]
+    assert "with the official negatives: KDA+LRD, official negatives (leak) (2 seeds)" in goal_b[1]
+    assert "| +0.0169 |" in goal_b[1]
     # one seed has no spread: no goal (a) row for it, and a table with none of the rows says nothing
     assert office_table.goal_lines({name: [] for name in office_table.SETTINGS}) == []
 
