@@ -2,7 +2,8 @@
 
 One module per command under ``lrd_dist/commands/``; this file only builds the parser and
 dispatches. An ``InputError`` is printed as one line naming the file, the line or record and the
-fix, and the exit code is 2.
+fix, and the exit code is 2. Whatever the command, a process group it opened is closed here
+before the interpreter exits (``release_process_group``).
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     for chatty in ("accelerate", "deepspeed", "DeepSpeed", "torch.distributed"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    completed = False
     try:
         command_module(args.command).run(args)
+        completed = True
     except InputError as exc:
         print(f"lrd-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that never imported it opened no group
+            from lrd_dist.train.backend import release_process_group
+
+            release_process_group(completed)
     return 0
 
 

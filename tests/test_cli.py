@@ -43,6 +43,22 @@ def test_help_lists_every_command_with_one_line(capsys) -> None:
     assert len(COMMANDS) == 11
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_closes_the_process_group_it_ran_in(synth_dataset: Path, tmp_path: Path, fails) -> None:
+    """Left open to the interpreter's exit, a gloo group can abort a rank that finished its work
+    (once in CI); the CLI closes it after success and after a refused input alike."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        data = tmp_path / "missing" if fails else synth_dataset
+        assert main(["verify", "--data", str(data)]) == (2 if fails else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_prepare_and_training_agree_on_the_history_length() -> None:
     from lrd_dist.cli import build_parser
     from lrd_dist.config import DataConfig

@@ -215,3 +215,23 @@ class CompiledScoring:
 
 def scoring_context(scorer: CompiledScoring | None):
     return scorer.active() if scorer is not None else contextlib.nullcontext()
+
+
+def release_process_group(completed: bool) -> None:
+    """Tear down the process group a command opened, before the interpreter starts to finalize.
+
+    A gloo process left to the interpreter's exit can abort (SIGABRT, "terminate called without an
+    active exception"): gloo's worker threads still hold work objects whose tensors need the GIL
+    while Python is being torn down (pytorch/pytorch#190489). torchrun then kills the other rank
+    and a job that did all its work fails. After a command that completed, every rank first meets
+    at a barrier so none closes its pairs while a peer still uses them; after a failure there is no
+    barrier, since the peers may never arrive. A no-op where no group exists (one process, or the
+    trainer, which ends its own).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()

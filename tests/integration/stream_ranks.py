@@ -11,6 +11,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
+from lrd_dist.train.backend import release_process_group
 
 
 def digest(batch: dict[str, torch.Tensor]) -> str:
@@ -52,6 +53,7 @@ def main() -> None:
     )
     if state.is_main_process:
         out.write_text(json.dumps({"world_size": dist.get_world_size(), "ranks": gathered}))
+    release_process_group(completed=True)  # left to exit, gloo can abort a rank that did its work
 
 
 if __name__ == "__main__":
