@@ -99,6 +99,7 @@ PROBES: dict[str, tuple[str, str, list[str]]] = {
     "kda_lrd_latent16": ("KDA+LRD, 16 latent relations", "kda_lrd.yaml", ["model.latent_relations=16"]),
     "kda_lrd_lambda1": ("KDA+LRD, lambda 1", "kda_lrd.yaml", ["lrd.weight=1.0"]),
     "kda_lrd_lambda100": ("KDA+LRD, lambda 100", "kda_lrd.yaml", ["lrd.weight=100.0"]),
+    "kda_lrd_lambda01": ("KDA+LRD, lambda 0.1", "kda_lrd.yaml", ["lrd.weight=0.1"]),
     "kda_lrd_sampled_softmax": (
         "KDA+LRD, sampled softmax over 64 negatives",
         "kda_lrd.yaml",
@@ -110,6 +111,12 @@ PROBES: dict[str, tuple[str, str, list[str]]] = {
         "KDA+LRD, sampled softmax over 8 negatives",
         "kda_lrd.yaml",
         ["train.loss=sampled_softmax", "train.num_negatives=8"],
+    ),
+    # The two levers that each moved the sampled figure (lambda 1 under BPR, the softmax over 8) together
+    "kda_lrd_softmax8_lambda1": (
+        "KDA+LRD, sampled softmax over 8 negatives, lambda 1",
+        "kda_lrd.yaml",
+        ["train.loss=sampled_softmax", "train.num_negatives=8", "lrd.weight=1.0"],
     ),
     # Goal (a) under that objective: KDA without LRD, trained the same way
     "kda_sampled_softmax8": (
