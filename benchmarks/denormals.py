@@ -8,7 +8,7 @@ and activations are denormal floats, which a CPU computes with microcode assists
 ``--steps`` training steps of the trained model and of a fresh one, with flushing off and on, in
 alternating rounds (each round restores the weights and optimizer state first, so every round does
 the same arithmetic); the fastest round of each is reported. The trainer flushes denormals on the
-CPU (``train/backend.py``); this shows why.
+CPU (``lrd_dist/runtime.py``); this shows why.
 """
 
 from __future__ import annotations

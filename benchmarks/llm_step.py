@@ -39,15 +39,15 @@ def measure(data: Path, config_path: Path, steps: int, overrides: list[str]) -> 
     import psutil
     import torch
 
+    from lrd_dist.assembly import build_dataset_and_model
     from lrd_dist.config import load_config
-    from lrd_dist.run import build_run
-    from lrd_dist.train.backend import flush_denormals, select_attention
+    from lrd_dist.runtime import flush_denormals, select_attention
     from lrd_dist.train.sampling import TrainingSampler
 
     config = load_config(config_path, [f"data.dir={data}", "llm.mode=lora", *overrides])
     torch.manual_seed(0)
     flush_denormals()
-    run = build_run(config, select_attention(config.model.fused_attention))
+    run = build_dataset_and_model(config, select_attention(config.model.fused_attention))
     model, item_text = run.model.train(), run.model.item_text
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = TrainingSampler(config, run.graph, True, 0)

@@ -40,8 +40,8 @@ def peak_rss_gib() -> float:
 def timed_recommend(run, histories, rows, k, candidates=None, retriever=None, batch_size=64, item_chunk=2048):
     """(items [U, k] of every user, seconds); one batch first, untimed (first-call costs)."""
     from lrd_dist.data.user_items import UserItems
-    from lrd_dist.evaluation.recommendations import seen_pairs
-    from lrd_dist.evaluation.topk import top_k
+    from lrd_dist.serving.recommend import seen_pairs
+    from lrd_dist.serving.topk import top_k
 
     known = UserItems.from_dataset(run.data_dir)
 
@@ -67,9 +67,9 @@ def overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
 
 def office(args: argparse.Namespace) -> dict:
     from lrd_dist.data.histories import Histories
-    from lrd_dist.evaluation.retrieval import EmbeddingRetriever
-    from lrd_dist.run import load_trained
-    from lrd_dist.train.backend import flush_denormals, select_attention
+    from lrd_dist.run_dir import load_trained
+    from lrd_dist.runtime import flush_denormals, select_attention
+    from lrd_dist.serving.retrieval import EmbeddingRetriever
 
     flush_denormals()
     kda = load_trained(args.kda_lrd, overrides=[f"data.dir={args.data}"], attention=select_attention(True))
@@ -94,11 +94,12 @@ def office(args: argparse.Namespace) -> dict:
 
 
 def large(args: argparse.Namespace) -> dict:
+    from lrd_dist.assembly import build_dataset_and_model
     from lrd_dist.config import load_config
     from lrd_dist.data.histories import Histories
-    from lrd_dist.evaluation.retrieval import build_index, item_vectors, recall_against_exact, user_vectors
-    from lrd_dist.run import build_run, load_trained
-    from lrd_dist.train.backend import flush_denormals, select_attention
+    from lrd_dist.run_dir import load_trained
+    from lrd_dist.runtime import flush_denormals, select_attention
+    from lrd_dist.serving.retrieval import build_index, item_vectors, recall_against_exact, user_vectors
 
     work, data = args.work, args.work / "data"
     report: dict = {"items": args.items, "threads": torch.get_num_threads()}
@@ -151,7 +152,7 @@ def large(args: argparse.Namespace) -> dict:
     report["sasrec_full_topk_users_per_s"] = (args.users // 4) / seconds
 
     config = load_config(REPO / "configs/office/kda_lrd.yaml", [f"data.dir={data}", "train.tracker=none"])
-    kda = build_run(config, select_attention(True))
+    kda = build_dataset_and_model(config, select_attention(True))
     kda.model.eval()
 
     class HnswRetriever:

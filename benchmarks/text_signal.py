@@ -6,7 +6,7 @@ vectors to the history's: to the latest history item (``last``), the best over t
 the ground truth). A table whose vectors already rank the next item well gives the relation
 encoder more to work with; the random table is the floor. This is the cheap first measurement of
 the "which embedding model" question of the Office gap (a converged KDA+LRD run per table takes
-hours here; see ``benchmarks/office_table.py --only kda_lrd_smollm2_last ...``).
+hours here; see ``python -m experiments.office.runner --only kda_lrd_smollm2_last ...``).
 
     python benchmarks/text_signal.py --data data/office --out docs/results/text_signal.json
 

@@ -61,17 +61,17 @@ def main() -> None:
         "--compare-steps", type=int, default=20, help="training steps timed with and without the fused kernel"
     )
     args = parser.parse_args()
+    from lrd_dist.assembly import build_dataset_and_model
     from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
     from lrd_dist.evaluation.evaluate import evaluate
     from lrd_dist.models import slot_attention
     from lrd_dist.models.relational import RelationalRecommender
-    from lrd_dist.run import build_run
-    from lrd_dist.train.backend import CompiledScoring, flush_denormals, scoring_context, select_attention
+    from lrd_dist.runtime import CompiledScoring, flush_denormals, scoring_context, select_attention
     from lrd_dist.train.sampling import draw_uniform_negatives
 
     config = load_config(args.config, [f"data.dir={args.data}"])
     flush_denormals()  # as the trainer does on a CPU
-    run = build_run(config, select_attention(config.model.fused_attention))
+    run = build_dataset_and_model(config, select_attention(config.model.fused_attention))
     model, manifest, graph = run.model, run.manifest, run.graph
     scorer = CompiledScoring(model) if config.eval.compile else None  # as the trainer does
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)

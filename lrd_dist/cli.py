@@ -2,7 +2,8 @@
 
 One module per command under ``lrd_dist/commands/``; this file only builds the parser and
 dispatches. An ``InputError`` is printed as one line naming the file, the line or record and the
-fix, and the exit code is 2. Whatever the command, a process group it opened is closed here
+fix, and the exit code is 2; a training stopped for a signal (``Preempted``, its checkpoint written)
+exits with the requeue code 75. Whatever the command, a process group it opened is closed here
 before the interpreter exits (``release_process_group``).
 """
 
@@ -15,6 +16,7 @@ import sys
 
 from lrd_dist.commands import COMMANDS
 from lrd_dist.errors import InputError
+from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
 log = logging.getLogger("lrd_dist")
 
@@ -56,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"lrd-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        log.warning("%s", stop)
+        return REQUEUE_EXIT_CODE
     finally:
         if "torch.distributed" in sys.modules:  # a command that never imported it opened no group
-            from lrd_dist.train.backend import release_process_group
+            from lrd_dist.runtime import release_process_group
 
             release_process_group(completed)
     return 0

@@ -7,25 +7,22 @@ OmegaConf checks every key and type against the dataclasses: a typo in a YAML fi
 is an error naming the key, and a choice key (``Literal``) refuses a value with the allowed ones.
 Every field carries its one-line meaning (``help`` metadata), which ``--help-config`` prints.
 
-Configs written by earlier versions still load: ``upgrade`` renames moved keys (with a warning),
-maps old sentinels (``kg.gamma: -1``) to explicit values (``auto``) and refuses a removed
-experiment option unless it sits at the value that made it a no-op.
+A config written by an earlier release with a key this one does not have is refused naming the key:
+retrain with today's keys, or use the release that wrote it (``docs/experiments.md`` records the
+options that were removed and why).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from lrd_dist.errors import InputError
-
-log = logging.getLogger(__name__)
 
 DEMO_CONFIG = resources.files("lrd_dist") / "configs" / "demo.yaml"  # what `lrd-dist demo` trains
 
@@ -227,62 +224,6 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-# ---- configs of earlier versions ----------------------------------------------------------------
-MOVED = {
-    "model.leave_one_latent": "lrd.leave_one_latent",
-    "lrd.embeddings": "llm.table",
-    "lrd.shuffle_text": "llm.shuffle_table",
-    "train.negatives": "train.negative_rule",
-}
-# experiment options that were removed (docs/experiments.md), with the value that made them a no-op
-REMOVED = {
-    "lrd.decoder": "official",
-    "lrd.num_negatives": 8,
-    "lrd.standardize_text": False,
-    "lrd.pair_window": 0,
-    "lrd.hard_negatives": 0.0,
-}
-# old sentinels, now explicit values: key -> (old value test, new value)
-SENTINELS = {
-    "kg.gamma": (lambda v: isinstance(v, int | float) and v < 0, "auto"),
-    "llm.lr": (lambda v: v == 0, None),
-    "llm.gguf_file": (lambda v: v == "", None),
-    "llm.max_pairs_per_step": (lambda v: v == 0, None),
-    "llm.table": (lambda v: v == "", None),
-    "train.max_steps": (lambda v: v == 0, None),
-    "train.max_grad_norm": (lambda v: v == 0, None),
-    "checkpoint.every_steps": (lambda v: v == 0, None),
-    "checkpoint.resume": (lambda v: v == "", "never"),
-}
-
-
-def upgrade(tree: dict, where: str | Path = "config") -> dict:
-    """A config tree (plain dicts) written by an earlier version, in today's layout."""
-    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
-    for old, new in MOVED.items():
-        section, key = old.split(".")
-        if key in tree.get(section, {}):
-            new_section, new_key = new.split(".")
-            log.warning("%s: %s is now %s", where, old, new)
-            tree.setdefault(new_section, {})[new_key] = tree[section].pop(key)
-    for old, neutral in REMOVED.items():
-        section, key = old.split(".")
-        if key in tree.get(section, {}):
-            value = tree[section].pop(key)
-            if value != neutral:
-                raise InputError(
-                    where,
-                    f"{old}={value!r}: this experiment option was removed (it did not help; "
-                    "docs/experiments.md records it)",
-                    f"drop the key (or set it to {neutral!r}); its code is in the project's git history",
-                )
-    for name, (is_old, new) in SENTINELS.items():
-        section, key = name.split(".")
-        if key in tree.get(section, {}) and is_old(tree[section][key]):
-            tree[section][key] = new
-    return tree
-
-
 # ---- loading ------------------------------------------------------------------------------------
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, tree: dict | None = None
@@ -297,15 +238,21 @@ def load_config(
         if tree is None and path is not None:
             if not Path(path).is_file():
                 raise InputError(path, "no such config file", "pass an existing YAML file to --config")
-            tree = OmegaConf.to_container(OmegaConf.load(path))
+            tree = cast(dict, OmegaConf.to_container(OmegaConf.load(path)))
         if tree is not None:
-            layers.append(OmegaConf.create(upgrade(tree, where)))
-        dotted = OmegaConf.to_container(OmegaConf.from_dotlist(_quote_literal_words(overrides or [])))
-        layers.append(OmegaConf.create(upgrade(dotted, "command line")))
+            layers.append(OmegaConf.create(tree))
+        layers.append(OmegaConf.from_dotlist(_quote_literal_words(overrides or [])))
         merged = OmegaConf.merge(*layers)
+    except ConfigKeyError as exc:
+        raise InputError(
+            where,
+            f"{exc.full_key or _describe(exc)}: not a config key of this lrd_dist",
+            "fix the key (lrd-dist train --help-config lists them); a config of an earlier release: "
+            "retrain, or use the release that wrote it",
+        ) from exc
     except OmegaConfBaseException as exc:
         raise InputError(where, _describe(exc), "fix the key or value") from exc
-    config: RunConfig = OmegaConf.to_object(merged)
+    config = cast(RunConfig, OmegaConf.to_object(merged))
     validate(config, path or "config")
     return config
 
@@ -403,6 +350,10 @@ def validate(config: RunConfig, where: str | Path) -> None:
         problems.append(
             (f"eval.metric={config.eval.metric!r}", f"use HR@k or NDCG@k with k in eval.ks={config.eval.ks}")
         )
+    if config.kg.gamma != "auto" and float(config.kg.gamma) < 0:
+        problems.append((f"kg.gamma={config.kg.gamma}", "use auto or a weight >= 0"))
+    if not config.checkpoint.resume.strip():
+        problems.append(("checkpoint.resume is empty", "use never, auto or a checkpoint directory"))
     if problems:
         raise InputError(where, problems[0][0], problems[0][1])
 
@@ -417,7 +368,7 @@ def config_keys(node: type = RunConfig, prefix: str = "") -> list[tuple[str, str
     for item in fields(node):
         if is_dataclass(item.type) or (isinstance(item.type, str) and item.type.endswith("Config")):
             section = item.default_factory if item.default_factory is not MISSING else None
-            out += config_keys(type(section()) if section else item.type, f"{prefix}{item.name}.")
+            out += config_keys(type(section()) if section else cast(type, item.type), f"{prefix}{item.name}.")
             continue
         default = item.default_factory() if item.default_factory is not MISSING else item.default
         out.append((prefix + item.name, str(item.type), default, item.metadata.get("help", "")))

@@ -3,7 +3,7 @@
 import torch
 
 from lrd_dist.models.relational import RelationalRecommender
-from lrd_dist.train.backend import select_attention
+from lrd_dist.runtime import select_attention
 
 
 def toy_batch(rows: int = 4, history: int = 6, items: int = 30) -> dict[str, torch.Tensor]:

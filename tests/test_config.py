@@ -1,5 +1,5 @@
 """The config tree: typed choices refused with the allowed values, relations between keys,
-configs of earlier versions upgraded, every key documented and printed by --help-config."""
+configs of earlier releases refused naming the key, every key documented and printed by --help-config."""
 
 from pathlib import Path
 
@@ -39,19 +39,27 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(bad)
 
 
-def test_a_config_of_the_old_layout_loads_and_a_removed_option_is_refused(tmp_path: Path, caplog) -> None:
-    old = tmp_path / "old.yaml"
-    old.write_text(
-        "model: {name: kda, latent_relations: 8, leave_one_latent: true}\n"
-        "lrd: {enabled: true, decoder: official, pair_window: 0, embeddings: ''}\n"
-        "kg: {gamma: -1.0}\ntrain: {max_steps: 0}\ncheckpoint: {resume: ''}\n"
-    )
-    config = load_config(old)
-    assert config.lrd.leave_one_latent and config.kg.gamma == "auto" and config.llm.table is None
-    assert config.train.max_steps is None and config.checkpoint.resume == "never"
-    assert "model.leave_one_latent is now lrd.leave_one_latent" in caplog.text
-    with pytest.raises(InputError, match=r"lrd\.hard_negatives=0\.5: this experiment option was removed"):
-        load_config(old, ["lrd.hard_negatives=0.5"])
+def test_a_config_of_an_earlier_release_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """Keys that moved or were removed, and old sentinels, are not read as if they meant something:
+    each is refused in one line naming it and saying what to do."""
+    moved = tmp_path / "moved.yaml"
+    moved.write_text("model: {name: kda, latent_relations: 8, leave_one_latent: true}\n")
+    with pytest.raises(
+        InputError,
+        match=r"model\.leave_one_latent: not a config key of this lrd_dist.*"
+        r"retrain, or use the release that wrote it",
+    ):
+        load_config(moved)
+    removed = tmp_path / "removed.yaml"
+    removed.write_text("lrd: {enabled: true, decoder: official}\nmodel: {latent_relations: 8}\n")
+    with pytest.raises(InputError, match=r"lrd\.decoder: not a config key"):
+        load_config(removed)
+    with pytest.raises(InputError, match=r"lrd\.hard_negatives: not a config key"):
+        load_config(None, ["lrd.hard_negatives=0.5"])
+    with pytest.raises(InputError, match=r"kg\.gamma=-1\.0.*use auto or a weight >= 0"):
+        load_config(None, ["kg.gamma=-1.0"])
+    with pytest.raises(InputError, match=r"checkpoint\.resume is empty"):
+        load_config(None, ["checkpoint.resume=''"])
 
 
 def test_every_key_has_a_meaning_and_help_config_prints_them_all(capsys) -> None:

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from lrd_dist.errors import InputError
-
 HELP = "score a model file (best.safetensors or lrd-dist export's) on dev and test"
 
 
@@ -29,24 +27,16 @@ def evaluate_weights(
     weights: Path, config_path: Path | None, overrides: list[str], splits: list[str]
 ) -> dict[str, dict[str, float]]:
     """Score a model file on the dataset of its config (or of ``--config``), in one process."""
-    from lrd_dist.config import load_config
+    from lrd_dist.assembly import build_dataset_and_model
     from lrd_dist.data.user_items import UserItems
     from lrd_dist.evaluation.evaluate import evaluate
-    from lrd_dist.run import build_run, load_trained_weights, stored_config
-    from lrd_dist.train.backend import CompiledScoring, flush_denormals, scoring_context, select_attention
+    from lrd_dist.run_dir import config_of_weights, load_weights_file
+    from lrd_dist.runtime import CompiledScoring, flush_denormals, scoring_context, select_attention
 
-    if not weights.is_file():
-        raise InputError(weights, "no such weights file", "pass a .safetensors from lrd-dist export or a run")
-    if config_path is None:
-        stored = stored_config(weights)
-        if stored is None:
-            raise InputError(weights, "carries no run config", "pass --config with the run's config.yaml")
-        config = load_config(weights, overrides, tree=stored)
-    else:
-        config = load_config(config_path, overrides)
+    config = config_of_weights(weights, config_path, overrides)
     flush_denormals()
-    run = build_run(config, select_attention(config.model.fused_attention))
-    load_trained_weights(run, weights, config_path or weights)
+    run = build_dataset_and_model(config, select_attention(config.model.fused_attention))
+    load_weights_file(run, weights, config_path or weights)
     known = UserItems.from_dataset(run.data_dir) if config.eval.full_ranking else None
     scorer = CompiledScoring(run.model) if config.eval.compile else None
     results = {}

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.embeddings is not None:
-        from lrd_dist.evaluation.retrieval import export_embeddings
-        from lrd_dist.run import load_trained
+        from lrd_dist.run_dir import load_trained
+        from lrd_dist.serving.retrieval import export_embeddings
 
         info = export_embeddings(
             load_trained(args.run, args.weights, args.config), args.embeddings, args.index
@@ -64,7 +64,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     import yaml
     from safetensors.torch import load_file, save_file
 
-    from lrd_dist.run import CONFIG_KEY
+    from lrd_dist.run_dir import CONFIG_KEY
     from lrd_dist.train.checkpoint import ACCELERATE_DIR, COMPLETE, TRAINER
 
     if not (checkpoint / COMPLETE).is_file():

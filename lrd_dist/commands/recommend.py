@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lrd_dist.evaluation.recommendations import recommend
+    from lrd_dist.serving.recommend import RecommendRequest, recommend
 
-    recommend(args)
+    options = {name: getattr(args, name) for name in RecommendRequest.__dataclass_fields__}
+    recommend(RecommendRequest(**options))

@@ -21,6 +21,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lrd_dist.errors import InputError
 
@@ -65,7 +66,7 @@ class Manifest:
     extra_fields: list[str]
     samples: dict[str, int]
     shards: list[ShardInfo]
-    stats: dict[str, float | int | str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # counts of the source and the preparation
     schema_version: int = SCHEMA_VERSION
 
     def fingerprint(self) -> str:
@@ -114,15 +115,14 @@ class Manifest:
 class DataIdentity:
     """What a checkpoint records of the dataset it was trained on, and what a resume compares."""
 
-    fingerprint: str  # Manifest.fingerprint(): recorded by every checkpoint written since 2026-12-06
-    manifest_sha256: str  # the manifest file's bytes: what older checkpoints recorded
+    fingerprint: str  # Manifest.fingerprint(): the data, not the preparation's own timing
 
     @classmethod
     def of(cls, directory: Path, manifest: Manifest) -> DataIdentity:
-        return cls(manifest.fingerprint(), sha256_of(directory / MANIFEST))
+        return cls(manifest.fingerprint())
 
     def matches(self, recorded: str) -> bool:
-        return recorded in (self.fingerprint, self.manifest_sha256)
+        return recorded == self.fingerprint
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

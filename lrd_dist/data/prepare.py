@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -136,9 +137,11 @@ def write_dataset(
             # training rows come shuffled within each conversion chunk
             for split, rows, columns in iter_sample_chunks(ordered, max_history, shuffle_train=rng):
                 if split != TRAIN and interactions.negatives:  # the source's own candidates
+                    assert ordered.negative_row is not None  # ordered with the source's candidates
                     columns["negatives"] = interactions.negatives[split][ordered.negative_row[rows]]
                     repeated[split] += repeated_negative_rows(columns["negatives"])
                 elif split != TRAIN:  # drawn outside the user's items
+                    assert clicked is not None
                     columns["negatives"] = sample_negatives(
                         columns["user"], num_negatives, catalog.num_items, clicked, rng
                     )
@@ -149,7 +152,7 @@ def write_dataset(
                 writer.abort()
             raise
         samples = {s: sum(i.samples for i in shards if i.split == s) for s in SPLITS}
-        all_stats = {
+        all_stats: dict[str, Any] = {
             "dev_rows_with_repeated_negative": repeated[DEV],
             "test_rows_with_repeated_negative": repeated[TEST],
             "eval_rows_without_history": int(((ordered.split != TRAIN) & (ordered.position == 0)).sum()),

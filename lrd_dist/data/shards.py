@@ -100,7 +100,7 @@ class SplitShardWriter:
             self._path = self.root / self.split / f"{self.split}-{index:06d}.tar"
             self._file = HashingFile(self._path)
             self._tar = wds.TarWriter(self._file, mtime=0)
-        record = {"__key__": f"{self._shard_blocks:08d}"}
+        record: dict[str, object] = {"__key__": f"{self._shard_blocks:08d}"}
         record.update({f"{name}.npy": np.ascontiguousarray(values) for name, values in block.items()})
         self._tar.write(record)
         self._shard_blocks += 1
@@ -111,6 +111,7 @@ class SplitShardWriter:
     def _finish_shard(self) -> None:
         if self._tar is None:
             return
+        assert self._file is not None and self._path is not None  # opened with the tar
         self._tar.close()
         self._file.close()
         self.shards.append(

@@ -365,7 +365,7 @@ class StreamLoader:
             dataset,
             batch_size=None,
             num_workers=workers,
-            collate_fn=_keep_numpy,
+            collate_fn=_keep_numpy,  # type: ignore[arg-type]  # batches are numpy dicts, not lists
             persistent_workers=False,
             prefetch_factor=8 if workers else None,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FrozenTextTable(nn.Module):
+    table: torch.Tensor  # a buffer: [num_items + 1, dim]
+
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
         # Rebuilt from the embedding file, so not part of the state dict.
@@ -44,6 +47,12 @@ class FrozenTextTable(nn.Module):
 
 
 class LiveTextEncoder(nn.Module):
+    token_ids: torch.Tensor  # buffers
+    lengths: torch.Tensor
+    model: Any  # a Hugging Face model, or its PEFT wrapper
+    tokenizer: Any  # set by from_texts, for saving the tuned encoder
+    embed_config: TextEncoderConfig
+
     def __init__(
         self,
         model: nn.Module,

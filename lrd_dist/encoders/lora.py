@@ -16,8 +16,9 @@ from lrd_dist.errors import InputError
 def default_targets(model: nn.Module) -> list[str] | str:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, "all-linear")
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    return list(targets) if targets is not None else "all-linear"
 
 
 def apply_lora(model: nn.Module, config: LLMConfig) -> nn.Module:

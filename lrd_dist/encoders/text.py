@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def load_encoder(config: TextEncoderConfig):
     from transformers import AutoModel, AutoTokenizer
 
     path, gguf_file = resolve_model(config.model, config.gguf_file)
-    options = {"trust_remote_code": config.trust_remote_code}
+    options: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if gguf_file:
         options["gguf_file"] = gguf_file
     try:

@@ -18,13 +18,12 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from lrd_dist.config import load_config
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.errors import InputError
-from lrd_dist.run import build_run, load_trained_weights
-from lrd_dist.train.backend import select_attention
+from lrd_dist.run_dir import RunDir
+from lrd_dist.runtime import select_attention
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -50,19 +49,12 @@ td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;font-size:14p
 
 @torch.inference_mode()
 def relation_report(run_dir: Path, top: int = 10, max_pairs: int = 200_000) -> Path:
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "best.safetensors"):
-        if not (run_dir / name).is_file():
-            raise InputError(
-                run_dir / name, "missing", "pass the run directory of a finished `lrd-dist train`"
-            )
-    config = load_config(run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    run.require_trained()
+    config = run.config()
     if not config.lrd.enabled:
-        raise InputError(
-            run_dir / "config.yaml", "this run has no LRD module", "pick a run with lrd.enabled=true"
-        )
-    trained = build_run(config, select_attention(config.model.fused_attention))
-    load_trained_weights(trained, run_dir / "best.safetensors", run_dir / "config.yaml")
+        raise InputError(run.config_file, "this run has no LRD module", "pick a run with lrd.enabled=true")
+    trained = run.load(attention=select_attention(config.model.fused_attention))
     model, catalog, graph, data = trained.model, trained.catalog, trained.graph, trained.data_dir
     texts = catalog.texts.to_pylist()
     model.eval()
@@ -78,7 +70,7 @@ def relation_report(run_dir: Path, top: int = 10, max_pairs: int = 200_000) -> P
     ).numpy()
     winner = q.argmax(1)
     names = graph.slots.names()[model.lrd_first_slot :]
-    out = run_dir / "relations"
+    out = run.relations
     out.mkdir(exist_ok=True)
     _usage_figure(names, np.bincount(winner, minlength=len(names)), out / "usage.png")
     predefined, labels = _predefined_relations(catalog, graph, heads, tails)
@@ -113,7 +105,7 @@ def relation_report(run_dir: Path, top: int = 10, max_pairs: int = 200_000) -> P
             }
         )
     page = out / "index.html"
-    page.write_text(PAGE.render(run=str(run_dir), pairs=len(heads), slots=slots))
+    page.write_text(PAGE.render(run=str(run.path), pairs=len(heads), slots=slots))
     return page
 
 

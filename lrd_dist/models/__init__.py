@@ -1,5 +1,5 @@
 """Recommenders (RCF, KDA, SASRec) and LRD, as plain modules: no devices, processes or files.
-``lrd_dist.run.build_model`` assembles them from a config."""
+``lrd_dist.assembly.build_model`` assembles them from a config."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 ``score(batch, candidates)`` ranks candidates; ``forward(batch, ...)``, the training call (so that a
 DDP wrapper sees it), returns the recommendation, KG and LRD losses of a training batch, weighted
-by the loader's ``valid`` rows. Negatives and KG triples are drawn by the caller, so this module
+by the loader's ``valid`` rows, and their weighted sum ``loss = rec + kg_weight * kg + lrd_weight *
+lrd``, the objective the trainer minimises. Negatives and KG triples are drawn by the caller, so this module
 holds no randomness of its own beyond dropout.
 """
 
@@ -25,6 +26,8 @@ class Recommender(nn.Module):
         item_text: nn.Module | None = None,
         lrd_first_slot: int = 0,
         loss: str = "bpr",
+        kg_weight: float = 0.0,
+        lrd_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -36,6 +39,8 @@ class Recommender(nn.Module):
         # bpr: the target against each negative (official) | sampled_softmax: the target among its
         # negatives | full_softmax: among every item (SASRec: one matrix product)
         self.loss = loss
+        self.kg_weight = kg_weight  # gamma of the KG term (0 without relation triples)
+        self.lrd_weight = lrd_weight  # lambda of the LRD term
 
     @property
     def relational(self) -> bool:
@@ -57,7 +62,7 @@ class Recommender(nn.Module):
         [C] row) is one matrix product; RCF/KDA attend the history per candidate."""
         if isinstance(self.backbone, SASRec):
             state = self.backbone.user_state(batch["history_items"], batch["history_length"])
-            table = self.backbone.item_embeddings
+            table: nn.Embedding = self.backbone.item_embeddings
 
             def score_sasrec(items: torch.Tensor) -> torch.Tensor:
                 if items.stride(0) == 0:  # every row asks for the same chunk of the catalog
@@ -70,6 +75,7 @@ class Recommender(nn.Module):
     def recommendation_loss(self, batch: dict[str, torch.Tensor], negatives: torch.Tensor) -> torch.Tensor:
         valid, target = batch["valid"], batch["target"]
         if self.loss == "full_softmax":
+            assert isinstance(self.backbone, SASRec), "config validation: full_softmax is SASRec's"
             logits = self.backbone.score_all_items(batch["history_items"], batch["history_length"])
             logits = logits.masked_fill(
                 torch.arange(logits.shape[1], device=logits.device) == 0, float("-inf")
@@ -88,6 +94,7 @@ class Recommender(nn.Module):
     def relation_distribution(self, heads: torch.Tensor, tails: torch.Tensor) -> torch.Tensor:
         """q(r | h, i) for [N] (history item, target) pairs -> [N, R]. Both sides go through the
         text encoder in one call, so an item in both is encoded once."""
+        assert self.item_text is not None and self.lrd is not None, "an LRD model reads item text"
         language = self.item_text(torch.cat([heads, tails]))
         return self.lrd.relation_distribution(language[: len(heads)], language[len(heads) :])
 
@@ -99,12 +106,25 @@ class Recommender(nn.Module):
         kg: dict[str, torch.Tensor] | None = None,  # sampled triples (KnowledgeGraph.sample)
         lrd_pairs: torch.Tensor | None = None,  # [B, H] bool: the pairs the LRD loss uses (default all)
     ) -> dict[str, torch.Tensor]:
+        out = self.losses(batch, negatives, lrd_negatives, kg, lrd_pairs)
+        out["loss"] = out["rec"] + self.kg_weight * out.get("kg", 0.0) + self.lrd_weight * out.get("lrd", 0.0)
+        return out
+
+    def losses(
+        self,
+        batch: dict[str, torch.Tensor],
+        negatives: torch.Tensor,
+        lrd_negatives: torch.Tensor | None,
+        kg: dict[str, torch.Tensor] | None,
+        lrd_pairs: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Each term apart (and the LRD statistics: relation usage, entropy of q)."""
         valid = batch["valid"]
         out = {"rec": self.recommendation_loss(batch, negatives)}
-        if not self.relational:
+        if not isinstance(self.backbone, RelationalRecommender):
             return out
-        entities = self.backbone.entity_embeddings
-        relations = self.backbone.relation_embeddings
+        entities: nn.Embedding = self.backbone.entity_embeddings
+        relations: nn.Embedding = self.backbone.relation_embeddings
         if kg is not None and len(kg["head"]):
             relation = relations(kg["relation"]) + entities(kg["value"])
             positive = distmult(entities(kg["head"]), relation, entities(kg["tail"]))
@@ -121,16 +141,20 @@ class Recommender(nn.Module):
             q_pairs = self.relation_distribution(history[rows, columns], batch["target"][rows])
             q = q_pairs.new_zeros((*history.shape, q_pairs.shape[-1]))
             q[rows, columns] = q_pairs
-            decoded = [entities(history), entities(lrd_negatives), entities(batch["target"])]
+            items = (history, lrd_negatives, batch["target"])
+            decoded = [entities(i) for i in items]
             if self.lrd.text_to_entity is not None:  # a frozen table: looking up negatives is free
-                items = (history, lrd_negatives, batch["target"])
+                assert self.item_text is not None
                 decoded = [
                     e + self.lrd.text_to_entity(self.item_text(i))
                     for e, i in zip(decoded, items, strict=True)
                 ]
+            decoded_history, decoded_negatives, decoded_target = decoded
             loss, stats = self.lrd.loss(
                 q,
-                *decoded,
+                decoded_history,
+                decoded_negatives,
+                decoded_target,
                 relations.weight[self.lrd_first_slot :],
                 mask,
             )

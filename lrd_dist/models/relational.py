@@ -28,7 +28,7 @@ class RelationInteraction(nn.Module):
     N candidate rows of R relation slots.
 
     ``attention(q, k, v, heads)`` computes the attention across slots: torch ops by default, the
-    fused CPU kernel where the run's backend chose it (``train/backend.py``); both compute the same
+    fused CPU kernel where the run's backend chose it (``lrd_dist/runtime.py``); both compute the same
     up to float summation order.
     """
 
@@ -64,6 +64,8 @@ class TemporalKernel(nn.Module):
     """KDA's relational time decay: per relation, a real kernel of the normalised time gap given by
     learned Fourier coefficients, clamped to [0, 1]."""
 
+    frequencies: torch.Tensor  # a buffer
+
     def __init__(self, num_relations: int, n_dft: int, t_scalar: float) -> None:
         super().__init__()
         frequencies = n_dft // 2 + 1
@@ -89,6 +91,8 @@ class RelationalRecommender(nn.Module):
     # Tables that grow with the catalog and are only looked up by id (never read whole while
     # training), so they may take row-wise gradients (train/optimizer.py).
     id_tables = ("user_embeddings", "entity_embeddings", "item_bias")
+
+    value_entity: torch.Tensor  # a buffer: [num_entities] the value entity of each (item, relation)
 
     def __init__(
         self,
@@ -176,5 +180,6 @@ def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
-        if getattr(module, "bias", None) is not None:
-            nn.init.normal_(module.bias, 0.0, 0.01)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            nn.init.normal_(bias, 0.0, 0.01)

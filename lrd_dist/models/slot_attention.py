@@ -9,7 +9,7 @@ The extension is compiled by ``torch.utils.cpp_extension`` on first use (g++ and
 40 s, then cached under ``TORCH_EXTENSIONS_DIR``), for the CPU capability torch reports, so a
 cache shared by different machines never runs instructions a CPU lacks. Where it cannot be built,
 ``available()`` is False and callers use plain torch ops. The choice is made by the run's backend
-(``train/backend.py``), never inside a model's forward.
+(``lrd_dist/runtime.py``), never inside a model's forward.
 
 The build is named by the sha256 of the source and flags and compiles a copy of the source kept in
 its build directory, so every checkout of the same code shares one build (ninja rebuilds when a

@@ -1,29 +1,84 @@
-"""Hooks into the trainer's loop, for code that is not the trainer's business.
+"""Hooks into the trainer's loop, for code that is not the loop's business.
 
 A callback is any object with some of the methods below; the trainer calls them with itself, so a
-callback reads ``trainer.state`` (step, epoch, ...) and ``trainer.backend.accelerator``. Register
-them in code (``Trainer(config, callbacks=[...])``) or, for a run started from the command line,
-by import path: ``train.callbacks=[package.module:factory]`` (a class or function called with no
-arguments). The kill-and-resume tests inject their fault this way (``tests/faults.py``).
+callback reads ``trainer.state`` (step, epoch, ...) and ``trainer.accelerator``. Every run has the
+two below (the relation-collapse warning and, on data with planted relations, their recovery);
+register others in code (``Trainer(config, callbacks=[...])``) or, for a run started from the
+command line, by import path: ``train.callbacks=[package.module:factory]`` (a class or function
+called with no arguments). The kill-and-resume tests inject their fault this way (``tests/faults.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from lrd_dist.errors import InputError
 
 if TYPE_CHECKING:
     from lrd_dist.train.trainer import Trainer
 
+log = logging.getLogger(__name__)
+
 
 class Callback(Protocol):
     def on_step_end(self, trainer: Trainer) -> None:
         """After each optimizer step (``trainer.state.step`` counts it), before any checkpoint."""
 
+    def on_log(self, trainer: Trainer, entry: dict) -> None:
+        """After a ``metrics.jsonl`` line of training losses is written (main process only)."""
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Before an epoch's first step."""
+
     def on_epoch_end(self, trainer: Trainer) -> None:
         """After an epoch's evaluation and checkpoint."""
+
+    def on_finish(self, trainer: Trainer, results: dict) -> None:
+        """With the best weights loaded and scored, before ``results.json`` is written (collective)."""
+
+
+class CollapseWarning:
+    """Warn, once per epoch, when one relation slot takes nearly every (history, target) pair: the
+    official LRD objective collapses that way, and the 'latent relations' then carry no relation."""
+
+    def __init__(self, share: float = 0.95) -> None:
+        self.share = share
+        self.warned = False
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.warned = False
+
+    def on_log(self, trainer: Trainer, entry: dict) -> None:
+        usage = entry.get("lrd_usage")
+        if self.warned or not usage or max(usage) <= self.share:
+            return
+        self.warned = True
+        log.warning(
+            "relation collapse: slot %d takes %.1f%% of the pairs (entropy %.3f)",
+            int(np.argmax(usage)),
+            100 * max(usage),
+            entry["lrd_entropy"],
+        )
+
+
+class RelationAgreement:
+    """On data with planted relations (``lrd-dist synth``, the demo), how well the best weights'
+    relation encoder recovers them: NMI and purity over the training pairs, in results.json."""
+
+    def on_finish(self, trainer: Trainer, results: dict) -> None:
+        from lrd_dist.data.stream import make_loader
+        from lrd_dist.evaluation.relations import relation_agreement
+
+        built = trainer.built
+        if not built.config.lrd.enabled or "planted_relation" not in built.manifest.extra_fields:
+            return
+        with trainer.backend.full_parameters(trainer.core, skip=trainer.forward_only):
+            loader = make_loader(built.stream("train", shuffle=False))
+            results["relation_discovery"] = relation_agreement(trainer.core, loader)
 
 
 def load_callbacks(paths: list[str]) -> list[object]:
@@ -40,8 +95,8 @@ def load_callbacks(paths: list[str]) -> list[object]:
     return loaded
 
 
-def call(callbacks: list[object], event: str, trainer: Trainer) -> None:
+def call(callbacks: list[object], event: str, trainer: Trainer, *args: object) -> None:
     for callback in callbacks:
         hook = getattr(callback, event, None)
         if hook is not None:
-            hook(trainer)
+            hook(trainer, *args)

@@ -3,20 +3,23 @@
 One checkpoint is a directory ``<out_dir>/checkpoints/step-00000120/``:
 
 - ``accelerate/``: ``accelerator.save_state`` (model, optimizer; ZeRO shards under DeepSpeed);
-- ``trainer.json``: step, epoch, batches consumed in that epoch, best dev metric, early-stopping
-  counters, scheduler state, world size, the run config and the dataset's manifest checksum;
-- ``rank-00001.json``: one per rank, its RNG states (python, numpy, torch, CUDA) and the training
-  sampler's generators, as JSON, so nothing of ours is unpickled on resume;
+- ``trainer.json``: the format version, the ``state_dict`` of every part registered as shared (the
+  loop's position, the learning-rate schedules, model selection), the world size, the run config
+  and the dataset's fingerprint;
+- ``rank-00001.json``: one per rank, the ``state_dict`` of every per-rank part (RNG states, the
+  training sampler's generators), as JSON, so nothing of ours is unpickled on resume;
 - ``best.safetensors``: the best weights so far, so a resumed run keeps the right ones;
 - ``encoder/``: with a live LLM item encoder, its LoRA adapter in PEFT's format (or the tuned model);
 - ``COMPLETE``: written last, by the main process, after every rank has written its part; it lists
   every file with its size and sha256.
 
-It is built under ``.incomplete-step-...`` and renamed when complete, and old checkpoints are pruned
-only after the new one is complete, so a crash during a save never leaves the run without one
-(accelerate's own retention deletes first, and DeepSpeed writes its ``latest`` file even when a rank's
-shard is missing). A checkpoint without ``COMPLETE``, with a file that does not match it, or made
-with another model config or dataset is refused with the reason and the fix.
+The trainer registers its parts with a ``Checkpointer`` once (torchtitan's ``Stateful`` contract:
+``state_dict()`` / ``load_state_dict()``), so this module never needs to know the trainer's fields.
+A checkpoint is built under ``.incomplete-step-...`` and renamed when complete, and old checkpoints
+are pruned only after the new one is complete, so a crash during a save never leaves the run without
+one (accelerate's own retention deletes first, and DeepSpeed writes its ``latest`` file even when a
+rank's shard is missing). A checkpoint without ``COMPLETE``, with a file that does not match it, of
+another format version, or made with another model config or dataset is refused with the reason.
 """
 
 from __future__ import annotations
@@ -27,25 +30,26 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from lrd_dist.config import RunConfig, upgrade
+from lrd_dist.config import RunConfig
 from lrd_dist.data.format import DataIdentity, sha256_of
 from lrd_dist.errors import InputError
+from lrd_dist.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
+FORMAT = 2  # trainer.json's "format": checkpoints of another version are refused, not converted
 COMPLETE = "COMPLETE"
 TRAINER = "trainer.json"
 ACCELERATE_DIR = "accelerate"
-BEST = "best.safetensors"
-ENCODER_DIR = "encoder"  # a live LLM encoder's adapter (PEFT format) or tuned weights
 # Config sections that define the model: a checkpoint from another value cannot be resumed...
 MODEL_SECTIONS = ("model", "lrd", "kg", "llm")
 # ...except these keys, which change how it trains, not what it is.
@@ -64,22 +68,189 @@ OPTIMIZER_KEYS = ("embedding_updates",)
 FROZEN_LLM_KEYS = {"mode", "table", "shuffle_table"}
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
 @dataclass
-class TrainerState:
+class TrainState:
     """Where the loop is: enough to continue as if it had never stopped."""
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch to continue
     batches: int = 0  # micro-batches of that epoch already consumed (per rank)
-    best: float = float("-inf")
-    best_epoch: int = -1
-    waited: int = 0  # evaluations without improvement
-    dev_history: list[float] = field(default_factory=list)  # the selection metric per evaluation
-    scheduler: list[dict] | dict = field(default_factory=list)  # one per optimizer (a dict: older runs)
+    batches_per_epoch: int = 0  # per rank, in the run that saved it (another world size re-splits)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batches = state["step"], state["epoch"], state["batches"]
+        self.batches_per_epoch = state["batches_per_epoch"]
 
 
-def checkpoint_root(config: RunConfig) -> Path:
-    return Path(config.train.out_dir) / "checkpoints"
+class RNGState:
+    """This process's global RNG states (python, numpy, torch, CUDA) as JSON-able values."""
+
+    def state_dict(self) -> dict:
+        state = {
+            "python": _listify(random.getstate()),
+            "numpy": _listify(np.random.get_state(legacy=False)),
+            "torch": torch.get_rng_state().tolist(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+@dataclass
+class Resumed:
+    """What a resume found: the checkpoint, and whether this world size wrote it (if not, the
+    per-rank parts were not restored and the epoch position must be re-split)."""
+
+    path: Path
+    same_world: bool
+    saved_batches_per_epoch: int
+
+
+class Checkpointer:
+    """Saves and restores the registered parts of a training run (collective calls)."""
+
+    def __init__(
+        self, accelerator: Accelerator, config: RunConfig, run_dir: RunDir, data: DataIdentity
+    ) -> None:
+        self.accelerator, self.config, self.run_dir, self.data = accelerator, config, run_dir, data
+        self.shared: dict[str, Stateful] = {}
+        self.per_rank: dict[str, Stateful] = {}
+        self.save_extra: Callable[[Path], None] | None = None
+
+    def register(
+        self,
+        shared: dict[str, Stateful],
+        per_rank: dict[str, Stateful],
+        save_extra: Callable[[Path], None] | None = None,
+    ) -> None:
+        """``shared``: one state for all ranks (the main rank's is saved); ``per_rank``: each rank's
+        own; ``save_extra(directory)``: files of a part in its own format (a PEFT adapter)."""
+        self.shared, self.per_rank, self.save_extra = shared, per_rank, save_extra
+
+    @property
+    def root(self) -> Path:
+        return self.run_dir.checkpoints
+
+    def save(self, step: int) -> Path:
+        accelerator = self.accelerator
+        final = self.root / f"step-{step:08d}"
+        staging = self.root / f".incomplete-step-{step:08d}"
+        if accelerator.is_main_process:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        deepspeed = accelerator.state.deepspeed_plugin is not None
+        # Frozen weights (a LoRA base model) are rebuilt from llm.model: not written.
+        options = {"exclude_frozen_parameters": True} if deepspeed and _live(self.config) else {}
+        accelerator.save_state(str(staging / ACCELERATE_DIR), **options)
+        if self.save_extra is not None:
+            self.save_extra(staging)
+        _write_json(
+            staging / f"rank-{accelerator.process_index:05d}.json",
+            {name: part.state_dict() for name, part in self.per_rank.items()},
+        )
+        # Every rank confirms its part before the main process declares the checkpoint complete.
+        confirmed = gather_object([accelerator.process_index])
+        if accelerator.is_main_process:
+            if sorted(confirmed) != list(range(accelerator.num_processes)):
+                raise RuntimeError(f"checkpoint {final}: ranks confirmed {confirmed}")
+            if self.run_dir.best_weights.is_file():
+                shutil.copy2(self.run_dir.best_weights, staging / RunDir.BEST)
+            trainer = {
+                "format": FORMAT,
+                "states": {name: part.state_dict() for name, part in self.shared.items()},
+                "world_size": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type),
+                "data_fingerprint": self.data.fingerprint,
+                "config": asdict(self.config),
+            }
+            _write_json(staging / TRAINER, trainer)
+            files = {
+                str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                for p in sorted(staging.rglob("*"))
+                if p.is_file()
+            }
+            _write_json(staging / COMPLETE, {"files": files})
+            if final.exists():  # a previous attempt at the same step (resumed, then preempted again)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _fsync_dir(self.root)
+            for old in complete_checkpoints(self.root)[: -self.config.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint %s written", final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def resume(self) -> Resumed | None:
+        """Restore every registered part from ``checkpoint.resume`` (None: a fresh run)."""
+        path = find_resume_point(self.config, self.root)
+        if path is None:
+            return None
+        accelerator = self.accelerator
+        deepspeed = accelerator.state.deepspeed_plugin is not None
+        error = None
+        try:
+            trainer = verify_checkpoint(path, self.config, self.data, accelerator.num_processes, deepspeed)
+        except InputError as exc:
+            error = exc
+        # All ranks agree before anyone loads: one refusing rank stops them all with the same message.
+        errors = [e for e in gather_object([str(error) if error else ""]) if e]
+        if error is not None:
+            raise error
+        if errors:
+            raise InputError(
+                path, f"another rank refused the checkpoint: {errors[0]}", "see that rank's message"
+            )
+        options: dict[str, bool] = {}
+        if _live(self.config):  # frozen encoder weights are not in the checkpoint
+            options = {"load_module_strict": False} if deepspeed else {"strict": False}
+        accelerator.load_state(str(path / ACCELERATE_DIR), **options)
+        for name, part in self.shared.items():
+            part.load_state_dict(trainer["states"][name])
+        same_world = trainer["world_size"] == accelerator.num_processes
+        rank_file = path / f"rank-{accelerator.process_index:05d}.json"
+        if same_world and rank_file.is_file():
+            saved = json.loads(rank_file.read_text())
+            for name, part in self.per_rank.items():
+                part.load_state_dict(saved[name])
+        else:
+            log.warning(
+                "resuming a %d-process checkpoint with %d processes: model and optimizer continue "
+                "exactly; the data order of the current epoch is re-split (see docs/training.md)",
+                trainer["world_size"],
+                accelerator.num_processes,
+            )
+        best = path / RunDir.BEST
+        if accelerator.is_main_process and best.is_file():
+            shutil.copy2(best, self.run_dir.best_weights)
+        accelerator.wait_for_everyone()
+        position = trainer["states"]["train_state"]
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            position["step"],
+            position["epoch"],
+            position["batches"],
+        )
+        return Resumed(path, same_world, position["batches_per_epoch"])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -109,71 +280,12 @@ def _live(config: RunConfig) -> bool:
     return config.lrd.enabled and config.llm.mode != "frozen"
 
 
-def save_checkpoint(
-    accelerator: Accelerator,
-    config: RunConfig,
-    state: TrainerState,
-    rank_state: dict,
-    data_fingerprint: str,
-    keep: int,
-    save_extra: Callable[[Path], None] | None = None,
-) -> Path:
-    """Collective: every rank calls it at the same step (``save_extra`` too, with the staging dir)."""
-    root = checkpoint_root(config)
-    final = root / f"step-{state.step:08d}"
-    staging = root / f".incomplete-step-{state.step:08d}"
-    if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-    # Frozen weights (a LoRA base model) are rebuilt from llm.model: not written (see skip_frozen_weights).
-    options = {"exclude_frozen_parameters": True} if deepspeed and _live(config) else {}
-    accelerator.save_state(str(staging / ACCELERATE_DIR), **options)
-    if save_extra is not None:
-        save_extra(staging)
-    _write_json(staging / f"rank-{accelerator.process_index:05d}.json", rank_state)
-    # Every rank confirms its part before the main process declares the checkpoint complete.
-    confirmed = gather_object([accelerator.process_index])
-    if accelerator.is_main_process:
-        if sorted(confirmed) != list(range(accelerator.num_processes)):
-            raise RuntimeError(f"checkpoint {final}: ranks confirmed {confirmed}")
-        best = Path(config.train.out_dir) / BEST
-        if best.is_file():
-            shutil.copy2(best, staging / BEST)
-        trainer = {
-            "state": asdict(state),
-            "world_size": accelerator.num_processes,
-            "distributed_type": str(accelerator.distributed_type),
-            "data_checksum": data_fingerprint,  # the key older checkpoints use
-            "config": asdict(config),
-        }
-        _write_json(staging / TRAINER, trainer)
-        files = {
-            str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        }
-        _write_json(staging / COMPLETE, {"files": files})
-        if final.exists():  # a previous attempt at the same step (resumed, then preempted again)
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_dir(root)
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s written", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_resume_point(config: RunConfig) -> Path | None:
+def find_resume_point(config: RunConfig, root: Path) -> Path | None:
     """The checkpoint ``checkpoint.resume`` names: none, the latest complete one, or a path."""
     resume = config.checkpoint.resume
     if resume == "never":
         return None
     if resume == "auto":
-        root = checkpoint_root(config)
         found = complete_checkpoints(root)
         partial = sorted(root.glob(".incomplete-step-*")) if root.is_dir() else []
         for path in partial:
@@ -193,7 +305,8 @@ def find_resume_point(config: RunConfig) -> Path | None:
 def verify_checkpoint(
     path: Path, config: RunConfig, data: DataIdentity, world_size: int, deepspeed: bool
 ) -> dict:
-    """Refuse a checkpoint that is incomplete, damaged, or from another model or dataset."""
+    """Refuse a checkpoint that is incomplete, damaged, of another format, or from another model
+    or dataset. Returns its trainer.json."""
     marker = path / COMPLETE
     if not marker.is_file():
         raise InputError(
@@ -213,11 +326,17 @@ def verify_checkpoint(
                 "resume from another checkpoint",
             )
     trainer = json.loads((path / TRAINER).read_text())
+    if trainer.get("format") != FORMAT:
+        raise InputError(
+            path / TRAINER,
+            f"checkpoint format {trainer.get('format', 1)}, this lrd_dist reads format {FORMAT}",
+            "retrain, or resume it with the lrd_dist release that wrote it",
+        )
     if not config.checkpoint.force:
-        if not data.matches(trainer["data_checksum"]):
+        if not data.matches(trainer["data_fingerprint"]):
             raise InputError(
                 path,
-                f"made with another dataset (fingerprint {trainer['data_checksum'][:12]}, "
+                f"made with another dataset (fingerprint {trainer['data_fingerprint'][:12]}, "
                 f"now {data.fingerprint[:12]})",
                 "point data.dir at the dataset it was trained on, or set checkpoint.force=true",
             )
@@ -237,39 +356,33 @@ def verify_checkpoint(
     return trainer
 
 
-def config_changes(saved_config: dict, config: RunConfig, where: Path) -> list[str]:
+def config_changes(saved: dict, config: RunConfig, where: Path) -> list[str]:
     """What differs between a checkpoint's model-defining config and ``config``, as ``key: old ->
-    new`` lines. A checkpoint of an earlier version is read in today's layout (``config.upgrade``):
-    a key it lacks had its default then; a removed option is refused unless it was a no-op."""
-    now, defaults = asdict(config), asdict(RunConfig())
-    saved_config = upgrade(saved_config, where)
-    saved = {
-        section: {**defaults[section], **saved_config.get(section, {})}
-        for section in MODEL_SECTIONS
-        if section in saved_config or section == "llm"  # (older checkpoints have no llm section)
-    }
+    new`` lines; a key the checkpoint lacks or this release does not know is refused."""
+    now = asdict(config)
+    for section in (*MODEL_SECTIONS, "train"):
+        unknown = sorted(set(saved.get(section, {})) ^ set(now[section]))
+        if unknown:
+            raise InputError(
+                where / TRAINER,
+                f"config key {section}.{unknown[0]} is not one of this release's",
+                "retrain, or resume it with the lrd_dist release that wrote it",
+            )
     frozen = now["llm"]["mode"] == saved["llm"]["mode"] == "frozen"
     changes = [
         f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
-        for section in saved
+        for section in MODEL_SECTIONS
         for key, value in now[section].items()
         if saved[section][key] != value
         and f"{section}.{key}" not in RESUMABLE_CHANGES
         and not (section == "llm" and frozen and key not in FROZEN_LLM_KEYS)
     ]
-    saved_train = {**defaults["train"], **saved_config.get("train", {})}
     changes += [
-        f"train.{key}: {saved_train[key]!r} -> {now['train'][key]!r}"
+        f"train.{key}: {saved['train'][key]!r} -> {now['train'][key]!r}"
         for key in OPTIMIZER_KEYS
-        if saved_train[key] != now["train"][key]
+        if saved["train"][key] != now["train"][key]
     ]
     return changes
-
-
-def saved_batches_per_epoch(checkpoint: Path) -> int:
-    """Batches per epoch per rank in the run that wrote ``checkpoint``."""
-    saved = json.loads((checkpoint / "rank-00000.json").read_text())
-    return saved["data"]["batches_per_epoch"]
 
 
 def position_for_world_size(batches: int, saved_per_epoch: int, per_epoch: int, grad_accum: int) -> int:
@@ -278,67 +391,6 @@ def position_for_world_size(batches: int, saved_per_epoch: int, per_epoch: int, 
     samples remain in that epoch is re-split, see docs/training.md)."""
     position = batches * per_epoch // saved_per_epoch
     return position - position % grad_accum
-
-
-def load_checkpoint(
-    accelerator: Accelerator, path: Path, config: RunConfig, data: DataIdentity
-) -> tuple[TrainerState, dict | None]:
-    """Collective. Returns the trainer state and this rank's saved state (None when the world
-    size changed)."""
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-    error = None
-    try:
-        trainer = verify_checkpoint(path, config, data, accelerator.num_processes, deepspeed)
-    except InputError as exc:
-        error = exc
-    # All ranks agree before anyone loads: one refusing rank stops them all with the same message.
-    errors = [e for e in gather_object([str(error) if error else ""]) if e]
-    if error is not None:
-        raise error
-    if errors:
-        raise InputError(path, f"another rank refused the checkpoint: {errors[0]}", "see that rank's message")
-    options = {}
-    if _live(config):  # frozen encoder weights are not in the checkpoint
-        options = {"load_module_strict": False} if deepspeed else {"strict": False}
-    accelerator.load_state(str(path / ACCELERATE_DIR), **options)
-    same_world = trainer["world_size"] == accelerator.num_processes
-    if not same_world:
-        log.warning(
-            "resuming a %d-process checkpoint with %d processes: model and optimizer continue exactly; "
-            "the data order of the current epoch is re-split (see docs/training.md)",
-            trainer["world_size"],
-            accelerator.num_processes,
-        )
-    rank_file = path / f"rank-{accelerator.process_index:05d}.json"
-    rank_state = json.loads(rank_file.read_text()) if same_world and rank_file.is_file() else None
-    best = path / BEST
-    if accelerator.is_main_process and best.is_file():
-        shutil.copy2(best, Path(config.train.out_dir) / BEST)
-    accelerator.wait_for_everyone()
-    state = TrainerState(**trainer["state"])
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batches)
-    return state, rank_state
-
-
-def rng_state() -> dict:
-    """This process's global RNG states as JSON-able values."""
-    state = {
-        "python": _listify(random.getstate()),
-        "numpy": _listify(np.random.get_state(legacy=False)),
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _listify(value):

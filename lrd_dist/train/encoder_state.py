@@ -24,7 +24,7 @@ import torch
 from lrd_dist.encoders.item_text import LiveTextEncoder
 from lrd_dist.encoders.lora import lora_targets
 from lrd_dist.encoders.text import ENCODER_CONFIG
-from lrd_dist.train.backend import full_parameters
+from lrd_dist.runtime import full_parameters
 
 log = logging.getLogger(__name__)
 

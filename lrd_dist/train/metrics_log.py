@@ -4,11 +4,38 @@ tracker (TensorBoard or W&B). Only the main process writes the file."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from lrd_dist.config import RunConfig
+
+
+class LogWindow:
+    """The steps since the last ``metrics.jsonl`` line: their losses (averaged when logged) and the
+    training samples they consumed (samples/s over all ranks; loader padding rows not counted)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], samples: int) -> None:
+        for name, value in losses.items():
+            self.values.setdefault(name, []).append(value.detach().float().cpu())
+        self.samples += samples
+
+    def close(self, step: int, epoch: int, lr: float, world_size: int) -> dict:
+        """The window's log entry; the next window starts now."""
+        now = time.perf_counter()
+        entry: dict[str, object] = {"step": step, "epoch": epoch, "lr": lr}
+        entry["samples_per_s"] = self.samples * world_size / (now - self.started)
+        entry.update({k: torch.stack(v).mean(0).tolist() for k, v in self.values.items()})
+        self.values, self.samples, self.started = {}, 0, now
+        return entry
 
 
 class MetricsLog:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ def build_optimizers(model: torch.nn.Module, config: RunConfig) -> list[torch.op
     """Adam (weight decay on non-bias weights; a live encoder's weights at ``llm.lr``) and, with
     sparse updates, SparseAdam over the id tables, which it switches to row-wise gradients."""
     train = config.train
-    sparse: list[torch.nn.Parameter] = []
+    sparse: list[torch.Tensor] = []
     if train.embedding_updates == "sparse":
         for table in id_tables(model):
             table.sparse = True
@@ -52,7 +53,7 @@ def build_optimizers(model: torch.nn.Module, config: RunConfig) -> list[torch.op
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in table_ids]
     encoder = [p for n, p in trainable if n.startswith("item_text.")]
     rest = [(n, p) for n, p in trainable if not n.startswith("item_text.")]
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [p for n, p in rest if "bias" not in n], "weight_decay": train.weight_decay},
         {"params": [p for n, p in rest if "bias" in n]},
         {"params": encoder, "lr": config.llm.lr or train.lr},
@@ -101,13 +102,11 @@ class Schedules:
     @property
     def lr(self) -> float:
         """The current learning rate of the first parameter group (train.lr's)."""
-        return self.schedulers[0].get_last_lr()[0]
+        return float(self.schedulers[0].get_last_lr()[0])
 
     def state_dict(self) -> list[dict]:
         return [scheduler.state_dict() for scheduler in self.schedulers]
 
-    def load_state_dict(self, state: list[dict] | dict) -> None:
-        """``state``: what ``state_dict`` returned (a dict: a checkpoint of one optimizer)."""
-        states = [state] if isinstance(state, dict) else state
-        for scheduler, saved in zip(self.schedulers, states, strict=True):
+    def load_state_dict(self, state: list[dict]) -> None:
+        for scheduler, saved in zip(self.schedulers, state, strict=True):
             scheduler.load_state_dict(saved)

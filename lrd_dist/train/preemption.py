@@ -1,9 +1,10 @@
 """Preemption: SIGTERM or SIGUSR1 asks the job to stop at the next step boundary with a checkpoint.
 
 The handler only sets a flag; the loop checks it after every optimizer step with one all-reduce, so
-all ranks stop at the same step even when only some of them got the signal. The ranks then exit with
-``REQUEUE_EXIT_CODE`` and, when started by ``lrd-dist launch``, the launcher exits with it too
-(``accelerate launch`` itself exits 1 whatever its workers return), so a scheduler can requeue on it.
+all ranks stop at the same step even when only some of them got the signal. The trainer raises
+``Preempted``, the command line exits with ``REQUEUE_EXIT_CODE`` and, when started by ``lrd-dist
+launch``, the launcher exits with it too (``accelerate launch`` itself exits 1 whatever its workers
+return), so a scheduler can requeue on it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Set by `lrd-dist launch`: the file the main rank writes when it stopped for a signal.
 PREEMPTED_FILE_ENV = "LRD_DIST_PREEMPTED_FILE"
+
+
+class Preempted(Exception):
+    """Training stopped for a signal after writing its checkpoint; ``lrd-dist`` exits with
+    ``REQUEUE_EXIT_CODE`` on it, so a scheduler requeues the job."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped for a signal at step {step}; resume with checkpoint.resume=auto")
+        self.step = step
 
 
 class PreemptionFlag:

@@ -41,7 +41,7 @@ class TrainingSampler:
         num_items = self.graph.num_items
         rows = len(batch["user"])
         count = self.config.train.num_negatives
-        shape = (rows,) if count == 1 and self.config.train.loss == "bpr" else (rows, count)
+        shape: tuple[int, ...] = (rows,) if count == 1 and self.config.train.loss == "bpr" else (rows, count)
         negatives = draw_uniform_negatives(batch, shape, num_items, self.generator, known=self.known)
         lrd_negatives = lrd_pairs = None
         if self.config.lrd.enabled:

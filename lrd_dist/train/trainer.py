@@ -1,114 +1,105 @@
 """Training a recommender: ``train(config)``, or the ``Trainer`` whose steps it calls.
 
 The same code runs in one process, under DDP and under DeepSpeed ZeRO 1-3: ``accelerate launch``
-decides which (see ``launchers/``), and everything that depends on it lives in ``backend.py``.
-A run writes into ``train.out_dir``: ``config.yaml``, ``metrics.jsonl`` (one JSON line per log
-step and per evaluation), ``best.safetensors``, ``checkpoints/``, ``results.json``, ``curves.png``,
-TensorBoard events under ``tensorboard/`` and, with a live LLM item encoder (``llm.mode: lora |
-full``), the tuned encoder under ``encoder/``.
+decides which (see ``launchers/``), and everything that depends on it lives in ``lrd_dist/runtime.py``.
+A run writes into ``train.out_dir`` (``lrd_dist/run_dir.py`` names its files). The parts a checkpoint
+saves (the loop's position, the schedules, model selection, the sampler, the RNG states) are handed to
+the ``Checkpointer`` once; what is not the loop's business (the collapse warning, the recovery of
+planted relations, fault injection in tests) is a callback.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
+from lrd_dist.assembly import build_dataset_and_model
 from lrd_dist.config import RunConfig, to_yaml
 from lrd_dist.data.stream import make_loader
 from lrd_dist.data.user_items import UserItems
 from lrd_dist.encoders.item_text import LiveTextEncoder
 from lrd_dist.evaluation.evaluate import evaluate
-from lrd_dist.evaluation.relations import relation_agreement
 from lrd_dist.models import frozen_parameter_names, load_weights, weights_to_save
-from lrd_dist.run import build_run
+from lrd_dist.run_dir import RunDir
+from lrd_dist.runtime import Backend, scoring_context
 from lrd_dist.train import callbacks as hooks
-from lrd_dist.train.backend import Backend, scoring_context
 from lrd_dist.train.checkpoint import (
-    BEST,
-    ENCODER_DIR,
-    TrainerState,
-    find_resume_point,
-    load_checkpoint,
+    Checkpointer,
+    RNGState,
+    TrainState,
     position_for_world_size,
-    rng_state,
-    save_checkpoint,
-    saved_batches_per_epoch,
-    set_rng_state,
     skip_frozen_weights,
 )
 from lrd_dist.train.encoder_state import encoder_summary, save_encoder
-from lrd_dist.train.metrics_log import MetricsLog, flat_config
+from lrd_dist.train.metrics_log import LogWindow, MetricsLog, flat_config
 from lrd_dist.train.optimizer import Schedules, build_optimizers
 from lrd_dist.train.plots import plot_curves
-from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from lrd_dist.train.preemption import Preempted, PreemptionFlag
 from lrd_dist.train.progress import progress
 from lrd_dist.train.sampling import TrainingSampler
+from lrd_dist.train.selection import ModelSelection
 
 log = logging.getLogger(__name__)
-COLLAPSE_SHARE = 0.95  # warn when one relation takes this share of the (history, target) pairs
 
 
 def train(config: RunConfig, callbacks: list | None = None) -> dict:
     """Train, select on dev, score the best weights on test; returns what results.json holds.
-    Exits with ``REQUEUE_EXIT_CODE`` after a checkpoint when the job is asked to stop."""
+    Raises ``Preempted`` after a checkpoint when the job is asked to stop."""
     trainer = Trainer(config, callbacks)
     trainer.setup()
-    while not trainer.finished:
-        trainer.train_epoch()
-        if trainer.preempted:
-            trainer.stop_for_requeue()
-        trainer.end_epoch()
-    return trainer.finish()
+    return trainer.train()
 
 
 class Trainer:
     def __init__(self, config: RunConfig, callbacks: list | None = None) -> None:
         self.config = config
-        self.callbacks = [*hooks.load_callbacks(config.train.callbacks), *(callbacks or [])]
-        self.out = Path(config.train.out_dir)
-        self.state = TrainerState()
+        self.run_dir = RunDir(config.train.out_dir)
+        self.callbacks = [
+            hooks.CollapseWarning(),
+            hooks.RelationAgreement(),
+            *hooks.load_callbacks(config.train.callbacks),
+            *(callbacks or []),
+        ]
+        self.state = TrainState()
+        self.selection = ModelSelection(config.train.early_stop, config.train.patience)
         self.preempted = False
         self.done = False  # max_steps reached or early stop
+        self.started = time.perf_counter()
+        self.epoch_started = self.started
 
     # ---- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         config = self.config
-        self.started = time.perf_counter()
         self.backend = backend = Backend(config)
         self.accelerator = accelerator = backend.accelerator
         set_seed(config.train.seed)
         self.main = accelerator.is_main_process  # the only writer under out/ (checkpoints aside)
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(config))
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            self.run_dir.config_file.write_text(to_yaml(config))
         self.preemption = PreemptionFlag()
 
-        self.run = run = build_run(config, backend.attention, backend.lockstep)
+        self.built = built = build_dataset_and_model(config, backend.attention, backend.lockstep)
         rank, world = accelerator.process_index, accelerator.num_processes
-        self.train_stream = run.stream("train", rank=rank, world_size=world)
-        self.dev_stream = run.stream("dev", rank=rank, world_size=world)
-        self.test_stream = run.stream("test", rank=rank, world_size=world)
+        self.train_stream = built.stream("train", rank=rank, world_size=world)
+        self.dev_stream = built.stream("dev", rank=rank, world_size=world)
+        self.test_stream = built.stream("test", rank=rank, world_size=world)
         self.batches_per_epoch = len(self.train_stream)
         steps_per_epoch = math.ceil(self.batches_per_epoch / config.train.grad_accum)
         self.total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
 
-        model = run.model
-        optimizers = build_optimizers(model, config)
-        # Stepped by hand at optimizer-step boundaries and saved as JSON in the trainer state.
+        optimizers = build_optimizers(built.model, config)
+        # Stepped by hand at optimizer-step boundaries and saved as JSON in the checkpoint.
         self.schedules = Schedules(optimizers, config, self.total_steps)
         backend.fill_deepspeed_auto()
-        frozen = frozen_parameter_names(model)
-        self.model, *self.optimizers = accelerator.prepare(model, *optimizers)
+        frozen = frozen_parameter_names(built.model)
+        self.model, *self.optimizers = accelerator.prepare(built.model, *optimizers)
         self.core = accelerator.unwrap_model(self.model)
         skip_frozen_weights(accelerator, frozen)
         self.scorer = backend.scoring(self.core)
@@ -117,62 +108,60 @@ class Trainer:
         self.forward_only = self.core.item_text if self.live_encoder else None
 
         # every item of each user: full-ranking masks and the official negatives
-        need_known = config.eval.full_ranking or config.train.negative_rule == "official"
-        self.known = UserItems.from_dataset(run.data_dir) if need_known else None
-        self.kg_weight = run.kg_weight
+        official = config.train.negative_rule == "official"
+        self.known = UserItems.from_dataset(built.data_dir) if config.eval.full_ranking or official else None
         self.sampler = TrainingSampler(
-            config,
-            run.graph,
-            self.kg_weight > 0,
-            rank,
-            self.known if config.train.negative_rule == "official" else None,
+            config, built.graph, built.kg_weight > 0, rank, self.known if official else None
         )
         with backend.full_parameters(self.core, trainable_only=True):
             self.parameters = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
         log.info(
             "rank %d of %d (%s), model %s: %d trainable parameters, %d relation slots, gamma %.4f",
-            rank,
-            world,
-            accelerator.distributed_type,
-            config.model.name,
-            self.parameters,
-            run.graph.slots.total if run.relational else 0,
-            self.kg_weight,
+            *(rank, world, accelerator.distributed_type, config.model.name, self.parameters),
+            built.graph.slots.total if built.relational else 0,
+            built.kg_weight,
         )
-        resumed = self.resume()
-        metrics_path = self.out / "metrics.jsonl"
-        if self.main:
-            MetricsLog.truncate(metrics_path, self.state.step if resumed else 0)
+        self.checkpointer = Checkpointer(accelerator, config, self.run_dir, built.data_identity)
+        self.checkpointer.register(
+            shared={"train_state": self.state, "schedules": self.schedules, "selection": self.selection},
+            per_rank={"rng": RNGState(), "sampler": self.sampler},
+            save_extra=self._save_encoder if self.live_encoder else None,
+        )
+        self.resume()
         track = None
         if config.train.tracker != "none":
             accelerator.init_trackers("lrd_dist", config=flat_config(config))
             track = lambda scalars, step: accelerator.log(scalars, step=step)  # noqa: E731
-        self.metrics = MetricsLog(metrics_path, self.main, track)
+        self.metrics = MetricsLog(self.run_dir.metrics, self.main, track)
+        self.window = LogWindow()
         # A resumed run that had stopped early stays stopped (the official rule reads the dev history).
-        self.done = self.state.step >= self.total_steps or self._stopped_early()
+        self.done = self.state.step >= self.total_steps or self.selection.should_stop()
 
-    def resume(self) -> bool:
-        """Continue from ``checkpoint.resume``, as if the run had never stopped; False if fresh."""
-        checkpoint = find_resume_point(self.config)
-        if checkpoint is None:
-            return False
-        self.state, rank_state = load_checkpoint(
-            self.accelerator, checkpoint, self.config, self.run.data_identity
-        )
-        self.schedules.load_state_dict(self.state.scheduler)
-        if rank_state is not None:
-            set_rng_state(rank_state["rng"])
-            self.sampler.load_state_dict(rank_state["sampler"])
-        elif self.state.batches:  # another world size: continue at the same fraction of the epoch
+    def resume(self) -> None:
+        """Continue from ``checkpoint.resume`` as if the run had never stopped; a fresh run starts
+        its metrics log anew, a resumed one keeps it up to the checkpoint's step."""
+        resumed = self.checkpointer.resume()
+        if resumed is not None and not resumed.same_world and self.state.batches:
+            # another world size: continue at the same fraction of the epoch
             self.state.batches = position_for_world_size(
                 self.state.batches,
-                saved_batches_per_epoch(checkpoint),
+                resumed.saved_batches_per_epoch,
                 self.batches_per_epoch,
                 self.config.train.grad_accum,
             )
-        return True
+        self.state.batches_per_epoch = self.batches_per_epoch
+        if self.main:
+            MetricsLog.truncate(self.run_dir.metrics, self.state.step if resumed else 0)
 
     # ---- the loop -----------------------------------------------------------------------------
+    def train(self) -> dict:
+        while not self.finished:
+            self.train_epoch()
+            if self.preempted:
+                self.stop_for_requeue()
+            self.end_epoch()
+        return self.finish()
+
     @property
     def finished(self) -> bool:
         return self.done or self.state.epoch >= self.config.train.epochs
@@ -182,9 +171,8 @@ class Trainer:
         config, state = self.config, self.state
         self.epoch_started = time.perf_counter()
         self.train_stream.set_position(state.epoch, state.batches)
-        self.window: dict[str, list] = {}
-        self.window_samples, self.window_started = 0, time.perf_counter()
-        self.warned_collapse = False  # once per epoch
+        self.window = LogWindow()
+        hooks.call(self.callbacks, "on_epoch_start", self)
         batches = progress(
             make_loader(self.train_stream),
             total=self.batches_per_epoch,
@@ -207,24 +195,18 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor], boundary: bool = True) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; gradients synchronise at a ``boundary``."""
-        inputs = _to_device(self.sampler.draw(batch), self.accelerator.device)
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        device = self.accelerator.device
+        inputs = _to_device(self.sampler.draw(batch), device)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with self.backend.sync_context(self.model, boundary):
             with self.accelerator.autocast():
                 losses = self.model(batch, **inputs)  # through the wrapper, so gradients synchronise
-                total = (
-                    losses["rec"]
-                    + self.kg_weight * losses.get("kg", 0.0)
-                    + self.config.lrd.weight * losses.get("lrd", 0.0)
-                )
             # DeepSpeed divides by its own accumulation steps; the plain path does it here.
+            total = losses["loss"]
             self.accelerator.backward(
                 total if self.backend.deepspeed else total / self.config.train.grad_accum
             )
-        for name, value in losses.items():
-            self.window.setdefault(name, []).append(value.detach().float().cpu())
-        self.window.setdefault("loss", []).append(total.detach().float().cpu())
-        self.window_samples += int(batch["valid"].sum())
+        self.window.add(losses, int(batch["valid"].sum()))
         return losses
 
     def optimizer_step(self) -> None:
@@ -238,27 +220,18 @@ class Trainer:
             optimizer.zero_grad()
         state.step += 1
         if state.step % config.train.log_every == 0:
-            self._log_window()
+            entry = self.window.close(
+                state.step, state.epoch, self.schedules.lr, self.accelerator.num_processes
+            )
+            self.metrics.record(entry)
+            if self.main:
+                hooks.call(self.callbacks, "on_log", self, entry)
         hooks.call(self.callbacks, "on_step_end", self)
         self.preempted = self.preemption.any_rank(self.accelerator)
         self.done = state.step >= self.total_steps
         every = config.checkpoint.every_steps
         if self.preempted or (every and state.step % every == 0 and state.batches < self.batches_per_epoch):
-            self.save_checkpoint()
-
-    def _log_window(self) -> None:
-        now = time.perf_counter()
-        state = self.state
-        entry = {"step": state.step, "epoch": state.epoch, "lr": self.schedules.lr}
-        # training samples per second over all ranks (loader padding rows not counted)
-        entry["samples_per_s"] = (
-            self.window_samples * self.accelerator.num_processes / (now - self.window_started)
-        )
-        entry.update({k: torch.stack(v).mean(0).tolist() for k, v in self.window.items()})
-        self.metrics.record(entry)
-        if self.main and not self.warned_collapse:
-            self.warned_collapse = _warn_on_collapse(entry)
-        self.window, self.window_samples, self.window_started = {}, 0, now
+            self.checkpointer.save(state.step)
 
     # ---- end of epoch: dev evaluation, model selection, checkpoint ------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
@@ -272,7 +245,7 @@ class Trainer:
                 config.eval.ks,
                 config.eval.ties,
                 config.eval.full_ranking,
-                self.run.manifest.num_items,
+                self.built.manifest.num_items,
                 gather=gather_object if self.accelerator.num_processes > 1 else None,
                 known=self.known,
                 split=split,
@@ -294,71 +267,33 @@ class Trainer:
         if dev:
             value = dev[config.eval.metric]
             log.info("epoch %d: dev %s %.4f", epoch, config.eval.metric, value)
-            state.dev_history.append(value)
-            official = config.train.early_stop == "official"
-            if value > state.best or (official and value == state.best):  # official: a tie overwrites
-                state.best, state.best_epoch, state.waited = value, epoch, 0
+            if self.selection.update(value, epoch):
                 weights = weights_to_save(self.backend.full_state_dict(self.core), self.core)
                 if self.main:
-                    save_file(weights, str(self.out / BEST))
-            else:
-                state.waited += 1
-            stop = self._stopped_early()
+                    save_file(weights, str(self.run_dir.best_weights))
+            stop = self.selection.should_stop()
         if stop:
             log.info(
                 "early stop after epoch %d (best epoch %d, %s)",
-                epoch,
-                state.best_epoch,
-                config.train.early_stop,
+                *(epoch, self.selection.best_epoch, config.train.early_stop),
             )
         state.epoch, state.batches = epoch + 1, 0
-        self.save_checkpoint()
+        self.checkpointer.save(state.step)
         self.done = self.done or stop
         hooks.call(self.callbacks, "on_epoch_end", self)
 
-    def _stopped_early(self) -> bool:
-        """The early-stop rule on the dev history so far: ``official`` (LRD/ReChorus) or ``patience``."""
-        if self.config.train.early_stop == "official":
-            return official_stop(self.state.dev_history)
-        return self.config.train.early_stop == "patience" and self.state.waited >= self.config.train.patience
-
-    def save_checkpoint(self) -> None:
-        """Collective: every rank writes its part (see ``checkpoint.py``)."""
-        state = self.state
-        state.scheduler = self.schedules.state_dict()
-        rank_state = {
-            "rng": rng_state(),
-            "sampler": self.sampler.state_dict(),
-            "data": {
-                "epoch": state.epoch,
-                "batches": state.batches,
-                "batches_per_epoch": self.batches_per_epoch,
-            },
-        }
-        save_extra = None
-        if self.live_encoder:  # the adapter (or tuned encoder) in PEFT/transformers' own format
-            save_extra = lambda d: save_encoder(  # noqa: E731
-                self.core.item_text, self.backend.deepspeed, d / ENCODER_DIR, self.main
-            )
-        save_checkpoint(
-            self.accelerator,
-            self.config,
-            state,
-            rank_state,
-            self.run.data_identity.fingerprint,
-            self.config.checkpoint.keep,
-            save_extra,
-        )
+    def _save_encoder(self, directory) -> None:
+        """The adapter (or tuned encoder) in PEFT/transformers' own format (collective)."""
+        save_encoder(self.core.item_text, self.backend.deepspeed, directory / RunDir.ENCODER, self.main)
 
     # ---- the end ------------------------------------------------------------------------------
     def stop_for_requeue(self) -> None:
-        """Stopped for a signal (the checkpoint is written): exit for the scheduler to requeue."""
+        """Stopped for a signal (the checkpoint is written): raise for the scheduler to requeue."""
         self.metrics.close()
-        log.warning("stopped for a signal at step %d; resume with checkpoint.resume=auto", self.state.step)
         if self.main:
             PreemptionFlag.announce()
         self.end_training()
-        sys.exit(REQUEUE_EXIT_CODE)
+        raise Preempted(self.state.step)
 
     def finish(self) -> dict:
         """The best weights on dev and test; ``results.json``, ``curves.png``; the tuned encoder."""
@@ -371,7 +306,7 @@ class Trainer:
             "seed": config.train.seed,
             "world_size": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type),
-            "best_epoch": state.best_epoch,
+            "best_epoch": self.selection.best_epoch,
             "epochs_run": state.epoch,
             "steps": state.step,
             "parameters": self.parameters,
@@ -379,22 +314,19 @@ class Trainer:
         if self.live_encoder:
             results["encoder"] = encoder_summary(core.item_text, self.backend.deepspeed, gather_object)
         if config.eval.enabled:
-            best_weights = load_file(str(self.out / BEST))
+            best_weights = load_file(str(self.run_dir.best_weights))
             with self.backend.full_parameters(core, modify=True):  # under ZeRO-3 rank 0's copy is scattered
                 misfit = load_weights(core, best_weights)
             if misfit:
-                raise RuntimeError(f"{self.out / BEST} does not fit the model: {misfit}")
+                raise RuntimeError(f"{self.run_dir.best_weights} does not fit the model: {misfit}")
             results["dev"], results["test"] = self.evaluate("dev"), self.evaluate("test")
         results["seconds"] = time.perf_counter() - self.started
-        if config.lrd.enabled and "planted_relation" in self.run.manifest.extra_fields:
-            with self.backend.full_parameters(core, skip=self.forward_only):
-                loader = make_loader(self.run.stream("train", shuffle=False))
-                results["relation_discovery"] = relation_agreement(core, loader)
+        hooks.call(self.callbacks, "on_finish", self, results)
         if self.live_encoder:  # the best weights' encoder: `lrd-dist embed --adapter <out>/encoder`
-            save_encoder(core.item_text, self.backend.deepspeed, self.out / ENCODER_DIR, self.main)
+            self._save_encoder(self.run_dir.path)
         if self.main:
-            (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", config.eval.metric)
+            self.run_dir.results.write_text(json.dumps(results, indent=2) + "\n")
+            plot_curves(self.run_dir.metrics, self.run_dir.curves, config.eval.metric)
         self.end_training()
         return results
 
@@ -405,30 +337,6 @@ class Trainer:
         which turned the requeue into a failed job)."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-
-
-def official_stop(history: list[float], patience: int = 5, horizon: int = 20) -> bool:
-    """LRD/ReChorus ``eval_termination``: more than ``horizon`` evaluations and the last
-    ``patience`` non-increasing, or the (first) best more than ``horizon`` evaluations old."""
-    if not history:
-        return False
-    recent = history[-patience:]
-    if len(history) > horizon and all(a >= b for a, b in itertools.pairwise(recent)):
-        return True
-    return len(history) - history.index(max(history)) > horizon
-
-
-def _warn_on_collapse(entry: dict) -> bool:
-    usage = entry.get("lrd_usage")
-    collapsed = bool(usage) and max(usage) > COLLAPSE_SHARE
-    if collapsed:
-        log.warning(
-            "relation collapse: slot %d takes %.1f%% of the pairs (entropy %.3f)",
-            int(np.argmax(usage)),
-            100 * max(usage),
-            entry["lrd_entropy"],
-        )
-    return collapsed
 
 
 def _to_device(value, device):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lrd_dist.cli import main
-from lrd_dist.run import stored_config
+from lrd_dist.run_dir import stored_config
 from lrd_dist.train.checkpoint import complete_checkpoints
 from tests.conftest import TINY_LRD
 

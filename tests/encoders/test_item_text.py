@@ -121,7 +121,7 @@ def test_live_modes_are_validated() -> None:
         load_config(None, ["llm.mode=partial"])
     with pytest.raises(InputError, match=r"lrd\.enabled"):
         load_config(None, ["llm.mode=lora"])
-    with pytest.raises(InputError, match="standardize_text=True: this experiment option was removed"):
+    with pytest.raises(InputError, match=r"lrd\.standardize_text: not a config key of this lrd_dist"):
         load_config(
             None,
             ["lrd.enabled=true", "model.latent_relations=2", "llm.mode=lora", "lrd.standardize_text=true"],

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
-from lrd_dist.train.backend import release_process_group
+from lrd_dist.runtime import release_process_group
 
 
 def digest(batch: dict[str, torch.Tensor]) -> str:

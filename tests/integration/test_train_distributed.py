@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from lrd_dist.assembly import build_dataset_and_model
 from lrd_dist.config import load_config
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.evaluation.evaluate import evaluate
-from lrd_dist.run import build_run
 from tests.integration.launch import accelerate_cpu
 
 
@@ -34,7 +34,7 @@ def test_two_process_training_evaluates_every_user_once(synth_with_embeddings: P
     assert results["test"]["examples"] == 301  # 151 + 150 users, none twice, none lost to padding
 
     config = load_config(run / "config.yaml")
-    model = build_run(config).model
+    model = build_dataset_and_model(config).model
     model.load_state_dict(load_file(str(run / "best.safetensors")))
     single = evaluate(
         model,

@@ -7,7 +7,7 @@ from lrd_dist.models.lrd import LatentRelationDiscovery
 from lrd_dist.models.recommender import Recommender
 from lrd_dist.models.relational import RelationalRecommender, TemporalKernel
 from lrd_dist.models.sasrec import SASRec
-from lrd_dist.train.backend import select_attention
+from lrd_dist.runtime import select_attention
 from tests.helpers import toy_batch, toy_relational
 
 

@@ -130,7 +130,7 @@ def test_a_failed_build_falls_back_to_torch_ops_with_a_warning(monkeypatch, capl
     """No compiler (or ninja, or a writable cache): a warning naming the cause, then torch ops
     that compute the same."""
     from lrd_dist.models.relational import RelationInteraction
-    from lrd_dist.train.backend import select_attention
+    from lrd_dist.runtime import select_attention
 
     def broken():
         raise RuntimeError("Ninja is required to load C++ extensions")

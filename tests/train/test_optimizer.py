@@ -32,7 +32,6 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _one_step(trainer: Trainer) -> dict[str, torch.Tensor]:
-    trainer.window, trainer.window_samples = {}, 0
     batch = next(iter(make_loader(trainer.train_stream)))
     trainer.model.train()
     trainer.train_step(batch)
@@ -99,7 +98,6 @@ def test_first_sparse_step_equals_dense_adam_and_later_ones_are_lazy(
     drift = []
     for _ in range(3):
         for mode, trainer in runs.items():
-            trainer.window, trainer.window_samples = {}, 0
             trainer.train_step(next(loader[mode]))
             if mode == "dense":
                 # step 1 is lr * g / (|g| + eps), but SparseAdam adds eps before the bias

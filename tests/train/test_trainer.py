@@ -5,7 +5,8 @@ import pytest
 
 from lrd_dist.config import DEMO_CONFIG, load_config
 from lrd_dist.errors import InputError
-from lrd_dist.train.trainer import official_stop, train
+from lrd_dist.train.selection import official_stop
+from lrd_dist.train.trainer import train
 from tests.conftest import small_run
 
 DEMO = Path(str(DEMO_CONFIG))

@@ -109,7 +109,7 @@ def load_amazon2023(
         raise InputError(
             reviews, "no record has user_id", "pass the review file <Cat>.jsonl (not the meta file)"
         )
-    stats = {
+    stats: dict[str, int | str] = {
         "raw_reviews": len(table),
         "rating_zero_rows": int(pc.sum(pc.equal(table["rating"], 0.0)).as_py() or 0),
     }
@@ -210,7 +210,7 @@ def official_split(
     with_meta = pc.is_in(pa.array(item_names.tolist(), pa.string()), value_set=items["parent_asin"]).to_numpy(
         zero_copy_only=False
     )
-    stats = {
+    stats: dict[str, int | str] = {
         f"official_{n}_rows": len(t) for (_, _, t), n in zip(parts, ("train", "valid", "test"), strict=True)
     }
     stats["items_without_meta"] = int((~with_meta).sum())  # kept: the rows stay as published

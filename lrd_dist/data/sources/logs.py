@@ -18,7 +18,7 @@ import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -207,7 +207,7 @@ def log_of_batches(chunks, columns: LogColumns, path: Path | str) -> Log:
     """A ``Log`` from record batches holding the user, item and time columns."""
     users, items = Vocabulary(), Vocabulary()
     user_codes, item_codes, times = [], [], []
-    unit: TimeUnit | str = columns.time_unit
+    unit: str = columns.time_unit
     nulls = 0
     for batch in chunks:
         table = pa.Table.from_batches([batch])
@@ -220,13 +220,15 @@ def log_of_batches(chunks, columns: LogColumns, path: Path | str) -> Log:
         user_codes.append(users.encode(table[columns.user].combine_chunks()))
         item_codes.append(items.encode(table[columns.item].combine_chunks()))
         seconds, unit = to_seconds(
-            table[columns.time].combine_chunks(), unit if unit != "timestamp" else "auto", path
+            table[columns.time].combine_chunks(),
+            cast(TimeUnit, unit if unit != "timestamp" else "auto"),
+            Path(path),
         )
         times.append(seconds)
     if not user_codes or not sum(len(c) for c in user_codes):
         raise InputError(path, "no interactions", "check the file and the column names")
     time = np.concatenate(times)
-    check_times(time, path, unit)
+    check_times(time, Path(path), unit)
     return Log(
         np.concatenate(user_codes).astype(np.int64),
         np.concatenate(item_codes).astype(np.int64),
@@ -326,7 +328,7 @@ def build_catalog(
             where, f"no column {columns.id!r}; it has {table.column_names}", "pass --item-id-column"
         )
     ids = table[columns.id].cast(pa.string()).to_pylist()
-    row_of = {}
+    row_of: dict[str, int] = {}
     for row, value in enumerate(ids):
         row_of.setdefault(value, row)
     stats["item_table_duplicate_ids"] = len(ids) - len(row_of)

@@ -101,7 +101,7 @@ def _read_eval(path: Path) -> tuple[pa.Table, np.ndarray]:
     table = read_delimited(path, ID_COLUMNS | {"neg_items": pa.string()})
     negatives = parse_id_lists(table.column("neg_items"), path, "neg_items", 2)
     lengths = pc.list_value_length(negatives).to_numpy()
-    wrong = np.flatnonzero(lengths != lengths[0]) if len(lengths) else []
+    wrong = np.flatnonzero(lengths != lengths[0]) if len(lengths) else np.zeros(0, dtype=np.int64)
     if len(wrong):
         raise InputError(
             path,

@@ -51,7 +51,7 @@ def read_delimited(
     try:
         table = pacsv.read_csv(path, read_options, parse_options, convert_options)
     except pa.ArrowInvalid as exc:
-        names = column_names if not header else _header(path, delimiter, encoding)
+        names = (column_names or []) if not header else _header(path, delimiter, encoding)
         if header:
             missing = [c for c in columns if c not in names]
             if missing:

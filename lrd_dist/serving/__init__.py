@@ -1,0 +1,1 @@
+"""Serving a trained run: top-k recommendations, retrieve-then-rerank, item and user vectors."""
