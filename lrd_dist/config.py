@@ -126,6 +126,20 @@ class LLMConfig(TextEncoderConfig):
         None, "(history, target) pairs of the LRD loss per micro-batch and rank (null: all of them)"
     )
     dedup: bool = option(True, "encode each distinct item once per micro-batch (false: every occurrence)")
+    dropout: bool = option(
+        True, "the encoder's own dropout while it trains (false: off; a tenth of a tuned step on a CPU)"
+    )
+    tune_layers: int | None = option(
+        None,
+        "tune only the top K layers, on token states of the frozen bottom cached once per catalog "
+        "(null: the whole model runs in every step)",
+    )
+    trunk_dtype: Literal["bf16", "fp16", "fp32"] = option(
+        "fp16", "storage of the cached token states (fp16 refuses states it cannot hold: use bf16 then)"
+    )
+    cache_dir: str | None = option(
+        None, "where trunk caches live, shared by runs (null: $LRD_DIST_CACHE or ~/.cache/lrd_dist)/trunks"
+    )
     chunk_size: int = option(128, "items per encoder call, grouped by text length (less padding)")
 
 
@@ -306,6 +320,8 @@ def validate(config: RunConfig, where: str | Path) -> None:
     ):
         if value and config.llm.mode != "frozen":
             problems.append((f"{key} with llm.mode={config.llm.mode}", "use it with llm.mode=frozen"))
+    if config.llm.tune_layers is not None and config.llm.mode == "frozen":
+        problems.append(("llm.tune_layers with llm.mode=frozen", "set llm.mode=lora or full"))
     if config.llm.mode != "frozen" and not config.lrd.enabled:
         problems.append((f"llm.mode={config.llm.mode} without lrd.enabled", "set lrd.enabled=true"))
     if "{text}" not in config.llm.template:
@@ -314,6 +330,7 @@ def validate(config: RunConfig, where: str | Path) -> None:
         "llm.lora_rank": config.llm.lora_rank,
         "llm.chunk_size": config.llm.chunk_size,
         "llm.max_pairs_per_step": config.llm.max_pairs_per_step or 1,
+        "llm.tune_layers": 1 if config.llm.tune_layers is None else config.llm.tune_layers,
         "train.grad_accum": config.train.grad_accum,
         "checkpoint.keep": config.checkpoint.keep,
         "checkpoint.every_steps": config.checkpoint.every_steps or 1,

@@ -117,6 +117,13 @@ PROBES: dict[str, tuple[str, str, list[str]]] = {
         ["train.loss=sampled_softmax", "train.num_negatives=8"],
     ),
     "sasrec_full_softmax": ("SASRec, softmax over all items", "sasrec.yaml", ["train.loss=full_softmax"]),
+    # The LLM in the loop: the best configuration with MiniLM's top layer LoRA-tuned on a cached trunk
+    # (bf16 autocast and no encoder dropout: the fast setting of benchmarks/tuned_encoder.py)
+    "kda_lrd_softmax8_top1_lora": (
+        "KDA+LRD, sampled softmax over 8 negatives, MiniLM top-1 LoRA",
+        "kda_lrd_softmax8.yaml",
+        ["llm.mode=lora", "llm.tune_layers=1", "llm.autocast=bf16", "llm.dropout=false"],
+    ),
 }
 # The item-text tables the probes read: file stem under --data -> `lrd-dist embed` options
 TABLES = {

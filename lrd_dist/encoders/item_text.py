@@ -2,16 +2,20 @@
 
 ``FrozenTextTable`` looks up vectors precomputed by ``lrd-dist embed`` (the paper's setting).
 ``LiveTextEncoder`` runs the Hugging Face model (LoRA-wrapped or fully trainable) inside the
-training step, so the item encoder learns from the recommendation signal. Catalog texts are
+training step, so the item encoder learns from the recommendation signal; with ``llm.tune_layers``
+only its top layers run, on token states of the frozen bottom cached once per catalog
+(``encoders/trunk.py``). Catalog texts are
 tokenized once, at construction; each call encodes each distinct item of its input once, padded
 only to the longest of them, and scatters the vectors back to every occurrence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,8 @@ from lrd_dist.data.remote import local_view
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.encoders.lora import apply_lora, lora_targets
 from lrd_dist.encoders.text import load_encoder, load_table, pool, tokenize
+from lrd_dist.encoders.trunk import TrunkCache, architecture_of, build_or_open, default_cache_dir, layer_view
+from lrd_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,6 +81,15 @@ class LiveTextEncoder(nn.Module):
         # make the same number of calls: exactly one per encode (no chunks; a dummy when empty).
         self.lockstep = lockstep
         self.last_encoded = 0  # sequences the last call sent through the model (benchmarks, tests)
+        # llm.tune_layers: the cached trunk and the top layers' view (not submodules: the view
+        # shares the model's own modules, which are registered once, under ``model``)
+        self.trunk: TrunkCache | None = None
+        self.__dict__["top"] = None
+        self.table: torch.Tensor | None = None  # set while read_catalog_once() is active
+
+    def attach_trunk(self, trunk: TrunkCache, top: nn.Module) -> None:
+        self.trunk = trunk
+        self.__dict__["top"] = top
 
     @classmethod
     def from_texts(
@@ -104,6 +119,8 @@ class LiveTextEncoder(nn.Module):
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """[...] item ids to [..., dim] vectors."""
+        if self.table is not None:
+            return self.table[items]
         flat = items.reshape(-1)
         if self.dedup:
             distinct, inverse = torch.unique(flat, return_inverse=True)
@@ -128,16 +145,64 @@ class LiveTextEncoder(nn.Module):
         return vectors.index_copy(0, order, torch.cat(chunks))
 
     def _encode_chunk(self, items: torch.Tensor) -> torch.Tensor:
-        lengths = self.lengths[items].long()
-        width = int(lengths.max())
-        input_ids = self.token_ids[items, :width].long()
-        mask = (torch.arange(width, device=items.device)[None, :] < lengths[:, None]).long()
-        with torch.autocast(
-            input_ids.device.type, dtype=AUTOCAST.get(self.autocast), enabled=self.autocast != "no"
-        ):
-            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        autocast = torch.autocast(
+            items.device.type, dtype=AUTOCAST.get(self.autocast), enabled=self.autocast != "no"
+        )
+        if self.trunk is not None:  # the top layers on the cached states at the cut
+            states, mask = self.trunk.gather(items)
+            states, mask = states.to(items.device), mask.to(items.device)
+            with autocast, _attention_backend(items.device, self.autocast):
+                hidden = self.__dict__["top"](inputs_embeds=states, attention_mask=mask).last_hidden_state
+        else:
+            lengths = self.lengths[items].long()
+            width = int(lengths.max())
+            input_ids = self.token_ids[items, :width].long()
+            mask = (torch.arange(width, device=items.device)[None, :] < lengths[:, None]).long()
+            with autocast:
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         vectors = pool(hidden.float(), mask, self.pooling)
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    @torch.no_grad()
+    def catalog_vectors(self) -> torch.Tensor:
+        """[num_items + 1, dim] the whole catalog through the current encoder (eval mode; row 0, the
+        padding id, zeros as in a frozen table)."""
+        was_training = self.training
+        self.eval()
+        try:
+            items = torch.arange(1, len(self.lengths), device=self.lengths.device)
+            vectors = self.encode(items)
+        finally:
+            self.train(was_training)
+        return torch.cat([vectors.new_zeros((1, vectors.shape[1])), vectors])
+
+    @contextlib.contextmanager
+    def read_catalog_once(self) -> Iterator[None]:
+        """While active, item vectors come from one pass over the catalog, not a pass per call:
+        for what reads every item (the relation agreement, ``lrd-dist relations``)."""
+        self.table = self.catalog_vectors()
+        try:
+            yield
+        finally:
+            self.table = None
+
+
+def _attention_backend(device: torch.device, autocast: str):
+    """On a CPU under bf16/fp16 autocast, attention through SDPA's math backend: the fused CPU
+    flash-attention backward in bf16 measured 10x slower than the math path here (MiniLM's top
+    layer on an Office micro-batch: 0.95 s of a 1.0 s step)."""
+    if device.type != "cpu" or autocast == "no":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def read_catalog_once(item_text: nn.Module | None):
+    """``item_text.read_catalog_once()`` for a live encoder; nothing to do for a frozen table."""
+    if isinstance(item_text, LiveTextEncoder):
+        return item_text.read_catalog_once()
+    return contextlib.nullcontext()
 
 
 def text_encoder_of(llm: LLMConfig) -> TextEncoderConfig:
@@ -162,11 +227,28 @@ def build_item_text(
         return FrozenTextTable(table)
     embed = text_encoder_of(config.llm)
     tokenizer, model = load_encoder(embed)
+    trunk, top_layers, pattern = None, None, None
+    if config.llm.tune_layers is not None:
+        if lockstep:
+            raise InputError(
+                "llm.tune_layers",
+                "a cached trunk under DeepSpeed ZeRO-3: the top layers run outside the model's own "
+                "forward, which ZeRO-3's parameter gathering follows",
+                "launch with DDP or ZeRO-2 (only the top layers train), or leave llm.tune_layers unset",
+            )
+        trunk = _build_trunk(config, model, tokenizer, texts)
+        arch = architecture_of(model)
+        top_layers = list(range(arch.num_layers - config.llm.tune_layers, arch.num_layers))
+        pattern = arch.layers_pattern
+    if not config.llm.dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):  # BERT's attention reads its p as well
+                module.p = 0.0
     if config.llm.gradient_checkpointing:
         # Non-reentrant: the reentrant variant drops gradients of adapters whose inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.llm.mode == "lora":
-        model = apply_lora(model, config.llm)
+        model = apply_lora(model, config.llm, top_layers, pattern)
         log.info("LoRA on %s: %s", config.llm.model, ", ".join(lora_targets(model)))
     encoder = LiveTextEncoder.from_texts(
         model,
@@ -178,9 +260,32 @@ def build_item_text(
         chunk_size=config.llm.chunk_size,
         lockstep=lockstep,
     )
-    if config.llm.mode == "full":
+    if trunk is not None and top_layers is not None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        encoder.attach_trunk(trunk, layer_view(base, slice(top_layers[0], None), top=True))
+    if config.llm.mode == "full":  # with a trunk: everything below the cut is unreached, so frozen
         _freeze_unreached(encoder)
     return encoder
+
+
+def _build_trunk(config: RunConfig, model: nn.Module, tokenizer, texts: list[str]) -> TrunkCache:
+    """The trunk cache of the catalog's texts: rows 0 (the padding item) .. N, as ``from_texts``
+    tokenizes them."""
+    llm = config.llm
+    assert llm.tune_layers is not None
+    rows = [[tokenizer.pad_token_id], *tokenize(texts, tokenizer, text_encoder_of(llm))]
+    describe = {
+        "model": llm.model,
+        "gguf_file": llm.gguf_file,
+        "tokenizer": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "template": llm.template,
+        "max_length": llm.max_length,
+    }
+    root = Path(llm.cache_dir) if llm.cache_dir else default_cache_dir()
+    return build_or_open(
+        model, rows, tokenizer.pad_token_id, llm.tune_layers, llm.trunk_dtype, root, describe, llm.chunk_size
+    )
 
 
 def _freeze_unreached(encoder: LiveTextEncoder) -> None:

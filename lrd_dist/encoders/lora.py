@@ -21,8 +21,12 @@ def default_targets(model: nn.Module) -> list[str] | str:
     return list(targets) if targets is not None else "all-linear"
 
 
-def apply_lora(model: nn.Module, config: LLMConfig) -> nn.Module:
-    """The model wrapped in a ``PeftModel``: base weights frozen, adapters trainable."""
+def apply_lora(
+    model: nn.Module, config: LLMConfig, layers: list[int] | None = None, layers_pattern: str | None = None
+) -> nn.Module:
+    """The model wrapped in a ``PeftModel``: base weights frozen, adapters trainable; with
+    ``layers``, adapters only in those layers of the list named ``layers_pattern`` (PEFT's own
+    ``layers_to_transform``: the top layers of a cached trunk)."""
     from peft import LoraConfig, get_peft_model
 
     targets = list(config.target_modules) or default_targets(model)
@@ -31,6 +35,8 @@ def apply_lora(model: nn.Module, config: LLMConfig) -> nn.Module:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern if layers is not None else None,
     )
     try:
         return get_peft_model(model, lora)

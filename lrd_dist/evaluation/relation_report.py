@@ -21,6 +21,7 @@ import torch
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
+from lrd_dist.encoders.item_text import read_catalog_once
 from lrd_dist.errors import InputError
 from lrd_dist.run_dir import RunDir
 from lrd_dist.runtime import select_attention
@@ -60,14 +61,15 @@ def relation_report(run_dir: Path, top: int = 10, max_pairs: int = 200_000) -> P
     model.eval()
 
     heads, tails = _distinct_pairs(data, config.data.max_history, trained.manifest.num_items, max_pairs)
-    q = torch.cat(
-        [
-            model.relation_distribution(
-                torch.from_numpy(heads[i : i + 4096]), torch.from_numpy(tails[i : i + 4096])
-            )
-            for i in range(0, len(heads), 4096)
-        ]
-    ).numpy()
+    with read_catalog_once(model.item_text):  # a tuned encoder: the catalog once, not per batch
+        q = torch.cat(
+            [
+                model.relation_distribution(
+                    torch.from_numpy(heads[i : i + 4096]), torch.from_numpy(tails[i : i + 4096])
+                )
+                for i in range(0, len(heads), 4096)
+            ]
+        ).numpy()
     winner = q.argmax(1)
     names = graph.slots.names()[model.lrd_first_slot :]
     out = run.relations

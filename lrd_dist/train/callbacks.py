@@ -71,12 +71,16 @@ class RelationAgreement:
 
     def on_finish(self, trainer: Trainer, results: dict) -> None:
         from lrd_dist.data.stream import make_loader
+        from lrd_dist.encoders.item_text import read_catalog_once
         from lrd_dist.evaluation.relations import relation_agreement
 
         built = trainer.built
         if not built.config.lrd.enabled or "planted_relation" not in built.manifest.extra_fields:
             return
-        with trainer.backend.full_parameters(trainer.core, skip=trainer.forward_only):
+        with (
+            trainer.backend.full_parameters(trainer.core, skip=trainer.forward_only),
+            read_catalog_once(trainer.core.item_text),
+        ):
             loader = make_loader(built.stream("train", shuffle=False))
             results["relation_discovery"] = relation_agreement(trainer.core, loader)
 

@@ -60,6 +60,8 @@ RESUMABLE_CHANGES = {
     "llm.dedup",
     "llm.gradient_checkpointing",
     "llm.autocast",
+    "llm.dropout",
+    "llm.cache_dir",  # where the trunk cache lives; its key is checked apart
     "model.fused_attention",  # how the attention is computed, not what
 }
 # Training keys that decide which optimizers a checkpoint holds: they must match too.

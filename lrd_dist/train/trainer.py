@@ -32,6 +32,7 @@ from lrd_dist.train import callbacks as hooks
 from lrd_dist.train.checkpoint import (
     Checkpointer,
     RNGState,
+    Stateful,
     TrainState,
     position_for_world_size,
     skip_frozen_weights,
@@ -122,8 +123,15 @@ class Trainer:
             built.kg_weight,
         )
         self.checkpointer = Checkpointer(accelerator, config, self.run_dir, built.data_identity)
+        shared: dict[str, Stateful] = {
+            "train_state": self.state,
+            "schedules": self.schedules,
+            "selection": self.selection,
+        }
+        if self.live_encoder and self.core.item_text.trunk is not None:
+            shared["trunk_cache"] = self.core.item_text.trunk  # its key: a changed cache is refused
         self.checkpointer.register(
-            shared={"train_state": self.state, "schedules": self.schedules, "selection": self.selection},
+            shared=shared,
             per_rank={"rng": RNGState(), "sampler": self.sampler},
             save_extra=self._save_encoder if self.live_encoder else None,
         )
