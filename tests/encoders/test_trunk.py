@@ -216,7 +216,7 @@ def test_other_architectures_and_zero3_are_refused_with_the_reason(synth_with_em
             "llm.tune_layers=1",
         ],
     )
-    with pytest.raises(InputError, match="ZeRO-3.*launch with DDP or ZeRO-2"):
+    with pytest.raises(InputError, match=r"ZeRO-3.*launch with DDP or ZeRO-2"):
         build_item_text(config, Catalog.read(synth_with_embeddings / CATALOG), lockstep=True)
     with pytest.raises(InputError, match=r"llm\.tune_layers with llm\.mode=frozen"):
         load_config(None, ["lrd.enabled=true", "model.latent_relations=2", "llm.tune_layers=1"])
