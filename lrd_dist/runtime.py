@@ -1,7 +1,8 @@
 """Everything that depends on how a run executes, kept out of the models and the trainer's logic:
 the Accelerator (one process, DDP or DeepSpeed ZeRO), DeepSpeed's "auto" values, the gradient-sync
-context, whole parameters under ZeRO-3, the fused CPU kernel, ``torch.compile`` of scoring, and
-denormal flushing. Models receive these choices as constructor arguments or are wrapped from here.
+context, whole parameters under ZeRO-3, the fused CPU kernel, ``torch.compile`` of scoring, denormal
+flushing, and how checkpoint files are read (never unpickled). Models receive these choices as
+constructor arguments or are wrapped from here.
 """
 
 from __future__ import annotations
@@ -217,6 +218,78 @@ class CompiledScoring:
 
 def scoring_context(scorer: CompiledScoring | None):
     return scorer.active() if scorer is not None else contextlib.nullcontext()
+
+
+# What accelerate and DeepSpeed write into a checkpoint besides tensors and plain containers: the
+# only classes a checkpoint file may name (found with torch.serialization.get_unsafe_globals_in_checkpoint
+# on DDP, ZeRO-2 and ZeRO-3 checkpoints). Anything else is refused before a file is read.
+CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "numpy._core.multiarray._reconstruct",  # accelerate's RNG states: numpy arrays
+    "numpy.ndarray",
+    "numpy.dtype",
+)
+PICKLED_SUFFIXES = (".pt", ".bin", ".pkl", ".pth")
+
+
+def unsafe_checkpoint_files(directory: Path) -> list[tuple[Path, str]]:
+    """(file, why) for each torch file under ``directory`` that names a class outside
+    ``CHECKPOINT_GLOBALS`` or is not a ``torch.save`` archive at all. Reads the archives' pickle
+    opcodes, never runs them."""
+    found = []
+    for path in sorted(p for p in Path(directory).rglob("*") if p.suffix in PICKLED_SUFFIXES and p.is_file()):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as error:  # a plain pickle, or not a torch file: nothing to trust in it
+            found.append((path, f"not a torch.save archive ({str(error).splitlines()[0][:80]})"))
+            continue
+        foreign = sorted(set(names) - set(CHECKPOINT_GLOBALS))
+        if foreign:
+            found.append((path, f"names {foreign[0]}, which a checkpoint of lrd_dist never holds"))
+    return found
+
+
+def refuse_unsafe_checkpoint(directory: Path) -> None:
+    """An ``InputError`` naming the first file that would need unpickling of a foreign class."""
+    unsafe = unsafe_checkpoint_files(directory)
+    if unsafe:
+        path, why = unsafe[0]
+        raise InputError(
+            path,
+            f"refused: {why} (a file that would be unpickled could run code)",
+            "use a checkpoint written by lrd-dist train, not one from elsewhere",
+        )
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every ``torch.load`` inside (accelerate's optimizer and RNG files, DeepSpeed's ZeRO files and
+    its ``zero_to_fp32``, which ask for ``weights_only=False``) runs with ``weights_only=True`` and
+    ``CHECKPOINT_GLOBALS`` allowed: ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides the call sites."""
+    allowed = [_resolve(name) for name in CHECKPOINT_GLOBALS]
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([a for a in allowed if a is not None]):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _resolve(dotted: str):
+    """The object a dotted name names, or None when its package is not installed."""
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def release_process_group(completed: bool) -> None:

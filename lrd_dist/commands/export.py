@@ -65,6 +65,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from lrd_dist.run_dir import CONFIG_KEY
+    from lrd_dist.runtime import refuse_unsafe_checkpoint, weights_only_loading
     from lrd_dist.train.checkpoint import ACCELERATE_DIR, COMPLETE, TRAINER
 
     if not (checkpoint / COMPLETE).is_file():
@@ -72,10 +73,12 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
             checkpoint, "not a complete checkpoint (no COMPLETE marker)", "pass a step-* directory"
         )
     saved = checkpoint / ACCELERATE_DIR
+    refuse_unsafe_checkpoint(checkpoint)
     if (saved / DEEPSPEED_TAG).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(saved), tag=DEEPSPEED_TAG)
+        with weights_only_loading():
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(saved), tag=DEEPSPEED_TAG)
     else:
         weights = load_file(str(saved / "model.safetensors"))
     config = json.loads((checkpoint / TRAINER).read_text())["config"]

@@ -43,6 +43,7 @@ from lrd_dist.config import RunConfig
 from lrd_dist.data.format import DataIdentity, sha256_of
 from lrd_dist.errors import InputError
 from lrd_dist.run_dir import RunDir
+from lrd_dist.runtime import refuse_unsafe_checkpoint, weights_only_loading
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ class Checkpointer:
         options: dict[str, bool] = {}
         if _live(self.config):  # frozen encoder weights are not in the checkpoint
             options = {"load_module_strict": False} if deepspeed else {"strict": False}
-        accelerator.load_state(str(path / ACCELERATE_DIR), **options)
+        with weights_only_loading():
+            accelerator.load_state(str(path / ACCELERATE_DIR), **options)
         for name, part in self.shared.items():
             part.load_state_dict(trainer["states"][name])
         same_world = trainer["world_size"] == accelerator.num_processes
@@ -327,6 +329,7 @@ def verify_checkpoint(
                 "differs from the checksum recorded when it was written",
                 "resume from another checkpoint",
             )
+    refuse_unsafe_checkpoint(path)
     trainer = json.loads((path / TRAINER).read_text())
     if trainer.get("format") != FORMAT:
         raise InputError(

@@ -241,3 +241,59 @@ def test_a_checkpoint_of_an_earlier_release_is_refused_naming_the_field_or_key(
         _rewrite_trainer(older, change)
         with pytest.raises(InputError, match=refusal + r".*retrain, or resume it with the lrd_dist release"):
             verify_checkpoint(older, config, *args)
+
+
+class _RunsACommand:
+    """What a hostile checkpoint file holds: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused_and_never_unpickled(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path
+) -> None:
+    """In each place a checkpoint is read (accelerate's optimizer and RNG files, DeepSpeed's ZeRO
+    files, ``lrd-dist export``): the file is refused before it is loaded, and even a load that asks
+    for ``weights_only=False`` (as DeepSpeed's does) is forced to weights-only inside lrd_dist."""
+    import pickle
+
+    import torch
+
+    from lrd_dist.commands.export import export_checkpoint
+    from lrd_dist.runtime import weights_only_loading
+
+    marker = tmp_path / "pwned"
+    source = complete_checkpoints(checkpointed_run / "checkpoints")[-1]
+    places = [
+        "accelerate/optimizer.bin",
+        "accelerate/random_states_0.pkl",
+        "accelerate/pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "accelerate/pytorch_model/mp_rank_00_model_states.pt",
+    ]
+    for index, place in enumerate(places):
+        hostile = tmp_path / f"hostile{index}"
+        shutil.copytree(source, hostile)
+        target = hostile / place
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if index % 2:  # a plain pickle, not a torch.save archive
+            target.write_bytes(pickle.dumps(_RunsACommand(marker)))
+        else:
+            torch.save({"state": _RunsACommand(marker)}, target)
+        _rewrite_trainer(hostile, lambda trainer: None)  # refresh COMPLETE for the trainer file...
+        listed = json.loads((hostile / "COMPLETE").read_text())  # ...and list the hostile file
+        from lrd_dist.data.format import sha256_of
+
+        listed["files"][place] = {"bytes": target.stat().st_size, "sha256": sha256_of(target)}
+        (hostile / "COMPLETE").write_text(json.dumps(listed))
+        with pytest.raises(InputError, match=r"refused: .*could run code"):
+            _resume(synth_with_embeddings, checkpointed_run, tmp_path, hostile)
+        with pytest.raises(InputError, match=r"refused: .*could run code"):
+            export_checkpoint(hostile, tmp_path / f"out{index}.safetensors")
+        assert not marker.exists(), place
+    with weights_only_loading(), pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "hostile0" / places[0], weights_only=False)
+    assert not marker.exists()
