@@ -7,6 +7,11 @@ OmegaConf checks every key and type against the dataclasses: a typo in a YAML fi
 is an error naming the key, and a choice key (``Literal``) refuses a value with the allowed ones.
 Every field carries its one-line meaning (``help`` metadata), which ``--help-config`` prints.
 
+A config read back from a run directory, a weight file or a checkpoint (``stored=True``) is data: the
+keys that act (``ACTING``: a ``pipe:`` data location runs a command, ``train.callbacks`` imports code,
+``llm.trust_remote_code`` runs a model's own code) are dropped from it with a one-line notice; they act
+only from the training config given to ``lrd-dist train --config`` or from the command line.
+
 A config written by an earlier release with a key this one does not have is refused naming the key:
 retrain with today's keys, or use the release that wrote it (``docs/experiments.md`` records the
 options that were removed and why).
@@ -14,6 +19,8 @@ options that were removed and why).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +31,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from lrd_dist.errors import InputError
 
+log = logging.getLogger(__name__)
 DEMO_CONFIG = resources.files("lrd_dist") / "configs" / "demo.yaml"  # what `lrd-dist demo` trains
 
 
@@ -239,12 +247,42 @@ class RunConfig:
 
 
 # ---- loading ------------------------------------------------------------------------------------
+# Keys whose value would act rather than describe, and the test of a value that acts.
+ACTING: dict[str, Callable[[Any], bool]] = {
+    "data.dir": lambda value: str(value).startswith("pipe:"),
+    "train.callbacks": lambda value: bool(value),
+    "llm.trust_remote_code": lambda value: value is True or str(value).lower() == "true",
+}
+
+
+def drop_acting(tree: dict, where: str | Path) -> dict:
+    """A stored config tree without the values of ``ACTING`` keys that would act."""
+    tree = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for dotted, acts in ACTING.items():
+        section, key = dotted.split(".")
+        values = tree.get(section)
+        if isinstance(values, dict) and key in values and acts(values[key]):
+            log.warning(
+                "%s: stored %s=%r ignored: a config read back from a run, a weight file or a checkpoint "
+                "never runs a program, imports code or runs a model's own code (pass it on the command "
+                "line if you mean it)",
+                where,
+                dotted,
+                values.pop(key),
+            )
+    return tree
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, tree: dict | None = None
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    tree: dict | None = None,
+    stored: bool = False,
 ) -> RunConfig:
     """Defaults, then the YAML file at ``path`` (or a config ``tree`` stored elsewhere: a weight
-    file's metadata, a checkpoint's trainer.json, named by ``path`` in messages), then
-    ``key.sub=value`` overrides; validated against the schema."""
+    file's metadata, named by ``path`` in messages), then ``key.sub=value`` overrides; validated
+    against the schema. ``stored``: the file or tree was read back from a run, a weight file or a
+    checkpoint, so its acting values are dropped (``drop_acting``); overrides are the caller's own."""
     schema = OmegaConf.structured(RunConfig)
     where = path or "command line"
     try:
@@ -254,7 +292,7 @@ def load_config(
                 raise InputError(path, "no such config file", "pass an existing YAML file to --config")
             tree = cast(dict, OmegaConf.to_container(OmegaConf.load(path)))
         if tree is not None:
-            layers.append(OmegaConf.create(tree))
+            layers.append(OmegaConf.create(drop_acting(tree, where) if stored else tree))
         layers.append(OmegaConf.from_dotlist(_quote_literal_words(overrides or [])))
         merged = OmegaConf.merge(*layers)
     except ConfigKeyError as exc:

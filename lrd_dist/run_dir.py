@@ -96,7 +96,7 @@ class RunDir:
                 raise InputError(path, "missing", "pass the run directory of a finished `lrd-dist train`")
 
     def config(self, overrides: list[str] | None = None) -> RunConfig:
-        return load_config(self.config_file, overrides)
+        return load_config(self.config_file, overrides, stored=True)
 
     def load(
         self, overrides: list[str] | None = None, attention: SlotAttention = torch_slot_attention
@@ -123,11 +123,11 @@ def config_of_weights(weights: Path, config_file: Path | None, overrides: list[s
             weights, "no such weights file", "pass best.safetensors of a run, or lrd-dist export's output"
         )
     if config_file is not None:
-        return load_config(config_file, overrides)
+        return load_config(config_file, overrides, stored=True)
     stored = stored_config(weights)
     if stored is None:
         raise InputError(weights, "carries no run config", "pass --config with the run's config.yaml")
-    return load_config(weights, overrides, tree=stored)
+    return load_config(weights, overrides, tree=stored, stored=True)
 
 
 def load_weights_file(built: DatasetAndModel, weights: Path, config_source: str | Path) -> None:

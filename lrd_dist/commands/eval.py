@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lrd_dist.commands import STORED_NOTE
+
 HELP = "score a model file (best.safetensors or lrd-dist export's) on dev and test"
 
 
@@ -13,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", required=True, type=Path, help="from lrd-dist export, or best.safetensors"
     )
-    parser.add_argument("--config", type=Path, help="default: the config stored in the weights file")
+    parser.add_argument(
+        "--config", type=Path, help="default: the config stored in the weights file." + STORED_NOTE
+    )
     parser.add_argument("--split", action="append", choices=["dev", "test"], help="default: dev and test")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.full_ranking=true")
 

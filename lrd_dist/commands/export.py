@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lrd_dist.commands import STORED_NOTE
 from lrd_dist.errors import InputError
 
 HELP = "one safetensors model file (config inside) from a checkpoint, or item/user vectors and a FAISS index"
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--run", type=Path, help="with --embeddings: a run directory")
     parser.add_argument("--weights", type=Path, help="with --embeddings: a weight file instead of --run")
-    parser.add_argument("--config", type=Path, help="with --weights: its config (default: the one inside)")
+    parser.add_argument(
+        "--config", type=Path, help="with --weights: its config (default: the one inside)." + STORED_NOTE
+    )
     parser.add_argument(
         "--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"], help="FAISS index kind"
     )

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lrd_dist.commands import STORED_NOTE
+
 HELP = "top-k recommendations over the whole catalog (or retrieve then rerank) from a trained run, as Parquet"
 
 
@@ -29,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", type=Path, help="a weight file instead of --run (lrd-dist export's)")
     parser.add_argument(
-        "--config", type=Path, help="with --weights: the run's config (default: the one inside)"
+        "--config",
+        type=Path,
+        help="with --weights: the run's config (default: the one inside)." + STORED_NOTE,
     )
     parser.add_argument("--out", type=Path, required=True, help="FILE.parquet")
     parser.add_argument("--k", type=int, default=20, help="items per user")

@@ -11,7 +11,12 @@ HELP = "train a recommender from a YAML config (--help-config lists every key)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file (configs/...)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="the training config, YAML (configs/...): with the command line, the only source "
+        "from which a pipe: data.dir, train.callbacks or llm.trust_remote_code take effect",
+    )
     parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=2 model.name=rcf")
 

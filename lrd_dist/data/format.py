@@ -106,9 +106,18 @@ class Manifest:
             )
         try:
             raw["shards"] = [ShardInfo(**s) for s in raw["shards"]]
-            return cls(**raw)
+            manifest = cls(**raw)
         except TypeError as exc:
             raise InputError(path, f"unexpected manifest content ({exc})", "re-run the preparation") from exc
+        for number, shard in enumerate(manifest.shards, start=1):
+            if not is_inside(shard.path):
+                raise InputError(
+                    path,
+                    f"path {shard.path!r} is not a relative path inside the dataset",
+                    "use the manifest `lrd-dist prepare` wrote (shard paths such as train/train-000000.tar)",
+                    record=f"shard {number}",
+                )
+        return manifest
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,18 @@ class DataIdentity:
 
     def matches(self, recorded: str) -> bool:
         return recorded == self.fingerprint
+
+
+def is_inside(relative: str) -> bool:
+    """A plain relative path that stays inside the directory it is joined to: no absolute path,
+    no ``..``, no empty or dot components, nothing a shell or a URL would read differently."""
+    parts = relative.split("/")
+    return (
+        bool(relative)
+        and not relative.startswith("/")
+        and all(part not in ("", ".", "..") for part in parts)
+        and all(c.isalnum() or c in "-_." for part in parts for c in part)
+    )
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

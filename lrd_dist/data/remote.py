@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from lrd_dist.data.format import is_inside
 from lrd_dist.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,17 @@ def is_remote(location: str | Path) -> bool:
 
 def fetch(location: str, relative: str, destination: Path, timeout: float = 60.0) -> Path:
     """Copy ``location/relative`` to ``destination``; an InputError naming the URL if it fails."""
+    if not is_inside(relative):  # a manifest's shard path is checked when it is loaded; this is the last door
+        raise InputError(location, f"{relative!r} is not a relative path inside the dataset", "re-prepare it")
     url = f"{location.rstrip('/')}/{relative}" if not location.startswith("pipe:") else location
     partial = destination.with_name(destination.name + ".partial")
     try:
         if location.startswith("pipe:"):
-            command = location[len("pipe:") :].replace("{path}", relative)
+            # split first, then put the path in: it is one argument, never words of the command
+            argv = [word.replace("{path}", relative) for word in shlex.split(location[len("pipe:") :])]
+            command = shlex.join(argv)
             with open(partial, "wb") as out:
-                done = subprocess.run(
-                    shlex.split(command), stdout=out, stderr=subprocess.PIPE, timeout=timeout * 10
-                )
+                done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=timeout * 10)
             if done.returncode != 0:
                 raise InputError(
                     command,

@@ -69,6 +69,13 @@ def load_encoder(config: TextEncoderConfig):
             f"cannot load the model ({exc.__class__.__name__}{': offline' if offline else ''})",
             "pass a local model directory, or a hub id on a machine with the network",
         ) from exc
+    except ValueError as exc:  # e.g. a model whose own code is needed, without trust_remote_code
+        raise InputError(
+            config.model,
+            f"cannot load the model ({str(exc).splitlines()[0][:160]})",
+            "use a model transformers implements, or pass --trust-remote-code / llm.trust_remote_code=true "
+            "on the command line for a model whose code you trust",
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     # One padding side for the table and the live encoder, so both see the same positions.

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lrd_dist.assembly import DatasetAndModel
+from lrd_dist.data.format import sha256_of
 from lrd_dist.data.histories import Histories
 from lrd_dist.data.user_items import UserItems
 from lrd_dist.errors import InputError
@@ -132,6 +133,7 @@ def export_embeddings(
         sample = users.numpy()[np.random.default_rng(0).permutation(len(users))[:recall_queries]]
         info.update(
             index=kind,
+            index_sha256=sha256_of(out / INDEX),  # what a retriever checks before it reads the index
             users=len(users),
             metric="inner product",
             **{f"recall@{k}": recall_against_exact(index, items.numpy(), sample, k) for k in (10, 100)},
@@ -219,8 +221,16 @@ class EmbeddingRetriever(Retriever):
                 raise InputError(
                     source, f"no {INDEX}", "pass a SASRec run or `lrd-dist export --embeddings` of one"
                 )
+            info = json.loads((source / INDEX_INFO).read_text()) if (source / INDEX_INFO).is_file() else {}
+            if info.get("index_sha256") != sha256_of(source / INDEX):
+                raise InputError(
+                    source / INDEX,
+                    f"its sha256 is not the one {INDEX_INFO} beside it records",
+                    "export the vectors again with `lrd-dist export --embeddings` (an index is read only "
+                    "from an export of lrd_dist, unchanged)",
+                )
             self.index = faiss.read_index(str(source / INDEX))
-            self.kind = json.loads((source / INDEX_INFO).read_text()).get("index", "?")
+            self.kind = info.get("index", "?")
             self.user_table = load_file(str(source / USERS))["vectors"].numpy()
             self.user_ids = {name: i for i, name in enumerate(user_names_of(source))}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lrd_dist.data.remote import local_view
+from lrd_dist.data.remote import _views, fetch, local_view
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.errors import InputError
 from tests.conftest import TINY_LRD
@@ -85,6 +85,31 @@ def test_bad_locations_are_refused_naming_the_url(served, tmp_path: Path) -> Non
         InputError, match=r"sha256 of the copy fetched from pipe:cat .* differs from the manifest"
     ):
         _samples(f"pipe:cat {damaged_root}/{{path}}", manifest["shards"][0]["split"])
+
+
+def test_a_hostile_manifest_served_over_http_is_refused_and_runs_nothing(served, tmp_path: Path) -> None:
+    """Shard paths come from a file someone else serves: an absolute path, a ``..`` or shell words
+    are refused naming the manifest and the shard, before anything is fetched or run."""
+    url, copy = served
+    marker = tmp_path / "pwned"
+    original = (copy / "manifest.json").read_text()
+    try:
+        for hostile in ("/etc/passwd", "../../../etc/passwd", f"x; touch {marker}", "train/$(touch x)"):
+            manifest = json.loads(original)
+            manifest["shards"][0]["path"] = hostile
+            (copy / "manifest.json").write_text(json.dumps(manifest))
+            for location in (url, f"pipe:curl -s -f -L {url}/{{path}}"):
+                _views.clear()
+                with pytest.raises(InputError, match=r"manifest\.json, shard 1: path .* is not a relative"):
+                    _samples(location, manifest["shards"][0]["split"])
+        assert not marker.exists()
+        # and where the path is fine, the command still gets it as one argument: a space stays in it
+        with pytest.raises(InputError, match=r"is not a relative path inside the dataset"):
+            fetch(f"pipe:touch {marker}", "a b", tmp_path / "out")
+        assert not marker.exists()
+    finally:
+        (copy / "manifest.json").write_text(original)
+        _views.clear()
 
 
 @pytest.mark.slow
