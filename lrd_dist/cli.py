@@ -16,7 +16,7 @@ import sys
 
 from lrd_dist.commands import COMMANDS
 from lrd_dist.errors import InputError
-from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, Preempted
+from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted
 
 log = logging.getLogger("lrd_dist")
 
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         log.warning("%s", stop)
         return REQUEUE_EXIT_CODE
+    except NonFiniteLoss as stop:
+        print(f"lrd-dist {args.command}: error: {stop}", file=sys.stderr)
+        return NonFiniteLoss.EXIT_CODE
     finally:
         if "torch.distributed" in sys.modules:  # a command that never imported it opened no group
             from lrd_dist.runtime import release_process_group

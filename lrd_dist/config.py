@@ -193,6 +193,14 @@ class TrainConfig:
     max_steps: int | None = option(None, "stop after this many optimizer steps and size the schedule by it")
     grad_accum: int = option(1, "micro-batches per optimizer step (windows never cross an epoch end)")
     max_grad_norm: float | None = option(None, "clip the gradient norm to this (null: no clipping)")
+    collective_timeout_s: float = option(
+        1800.0, "seconds a collective waits for a rank that stopped answering before the others stop"
+    )
+    skip_nonfinite_steps: int = option(
+        0,
+        "optimizer steps whose loss is NaN/inf on some rank that are skipped (gradients dropped, counted "
+        "in metrics.jsonl) before the run stops; 0: stop at the first (DeepSpeed: always stops)",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = option(
         "no", "autocast of the training step (DeepSpeed's auto precision follows it; on a CPU fp32 is faster)"
     )
@@ -216,7 +224,10 @@ class CheckpointConfig:
         "never", "never | auto (the latest complete checkpoint under out_dir, else fresh) | a checkpoint dir"
     )
     force: bool = option(
-        False, "resume even if the model config or the dataset differs from the checkpoint's"
+        False, "resume even if the model config, the data order or the dataset differs from the checkpoint's"
+    )
+    overwrite: bool = option(
+        False, "a fresh run into a directory that holds another run's checkpoints: delete them first"
     )
 
 

@@ -11,6 +11,7 @@ model out of them.
       encoder/            a tuned LLM item encoder in PEFT / transformers format
       relations/          ``lrd-dist relations``'s report
       tensorboard/        TensorBoard events
+      .lock               held by the run training here: its host, process and SLURM job
 
 The trainer writes it; ``eval``, ``export``, ``recommend`` and the relation report read it through
 ``RunDir`` (or a single weight file through ``load_trained``, the config inside the file).
@@ -18,6 +19,12 @@ The trainer writes it; ``eval``, ``export``, ``recommend`` and the relation repo
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import yaml
@@ -30,10 +37,12 @@ from lrd_dist.errors import InputError
 from lrd_dist.models import load_weights
 from lrd_dist.models.slot_attention import SlotAttention, torch_slot_attention
 
+log = logging.getLogger(__name__)
 CONFIG_KEY = "lrd_dist.config"  # the run config (YAML) in a weight file's safetensors metadata
 
 
 class RunDir:
+    LOCK = ".lock"
     CONFIG = "config.yaml"
     METRICS = "metrics.jsonl"
     BEST = "best.safetensors"
@@ -86,6 +95,10 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.path / self.TENSORBOARD
 
+    def lock(self) -> RunLock:
+        """The exclusive right to train here (``RunLock.acquire``)."""
+        return RunLock(self.path / self.LOCK)
+
     def is_run(self) -> bool:
         return self.config_file.is_file()
 
@@ -107,6 +120,75 @@ class RunDir:
         load_weights_file(built, self.best_weights, self.config_file)
         built.model.eval()
         return built
+
+
+class RunLock:
+    """One run per directory. ``fcntl.flock`` on ``.lock``: the kernel releases it when the process
+    ends, however it ends, so a lock that is free while its file still names a holder was left by a
+    run that died (reported, then taken over; a requeued attempt of the same SLURM job is expected)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.descriptor: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(descriptor)
+            os.close(descriptor)
+            raise InputError(
+                self.path.parent,
+                f"another run is training here ({_describe(holder)})",
+                "wait for it to finish, or give this run its own train.out_dir",
+            ) from None
+        previous = self._holder(descriptor)
+        if previous:
+            same_job = previous.get("slurm_job") and previous.get("slurm_job") == _me()["slurm_job"]
+            log.warning(
+                "%s: %s ended without releasing the run directory; %s",
+                self.path.parent,
+                _describe(previous),
+                "this requeued attempt of its job takes over" if same_job else "taking it over",
+            )
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(_me()) + "\n").encode(), 0)
+        os.fsync(descriptor)
+        self.descriptor = descriptor
+
+    def release(self) -> None:
+        if self.descriptor is None:
+            return
+        os.ftruncate(self.descriptor, 0)
+        fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+        os.close(self.descriptor)
+        self.descriptor = None
+
+    @staticmethod
+    def _holder(descriptor: int) -> dict:
+        text = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+        try:
+            return json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            return {"unreadable": text[:80]}
+
+
+def _me() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "a run"
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return f"process {holder.get('pid')} on {holder.get('host')}{job}, started {holder.get('started')}"
 
 
 def stored_config(weights: Path) -> dict | None:

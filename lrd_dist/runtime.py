@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -129,7 +130,10 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    timeout = timedelta(seconds=config.train.collective_timeout_s)  # a hung rank: the others stop
+    handlers: list = []
+    if distributed:
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout))
     # Our buffers are constants (text table, token ids, value entities): no per-step broadcast.
     handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
     return Accelerator(

@@ -31,3 +31,30 @@ def kill_at_step() -> KillAtStep:
 def kill(step: int, rank: int) -> tuple[list[str], dict[str, str]]:
     """The override and the environment that kill rank ``rank`` after step ``step``."""
     return [CALLBACK], {KILL_AT_ENV: f"{step}:{rank}"}
+
+
+HANG_AT_ENV = "LRD_TEST_HANG_AT"
+HANG = "train.callbacks=[tests.faults:hang_at_step]"
+
+
+class HangAtStep:
+    """Rank RANK stops answering after step STEP (a stuck data read, a wedged device): it sleeps."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.state.step == self.step and trainer.accelerator.process_index == self.rank:
+            import time
+
+            time.sleep(3600)
+
+
+def hang_at_step() -> HangAtStep:
+    step, rank = (int(x) for x in os.environ[HANG_AT_ENV].split(":"))
+    return HangAtStep(step, rank)
+
+
+def hang(step: int, rank: int) -> tuple[list[str], dict[str, str]]:
+    """The override and the environment that make rank ``rank`` stop answering after ``step``."""
+    return [HANG], {HANG_AT_ENV: f"{step}:{rank}"}

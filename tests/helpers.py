@@ -46,3 +46,18 @@ def toy_relational(
 def score_arguments(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What ``RelationalRecommender.forward`` takes of a batch, besides the candidates."""
     return {k: batch[k] for k in ("user", "history_items", "history_times", "history_length", "target_time")}
+
+
+def resumes(run) -> list[str]:
+    """The checkpoints a run's ``metrics.jsonl`` says it resumed from, in order: what proves a resume
+    (a run that silently started again from step 0 with the same seed logs the same losses)."""
+    import json
+    from pathlib import Path
+
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return [e["resumed_from"] for e in map(json.loads, lines) if "resumed_from" in e]
+
+
+def training_log(entries: list[dict]) -> list[dict]:
+    """A log's entries without the records of where a process took over."""
+    return [e for e in entries if "resumed_from" not in e]

@@ -30,6 +30,8 @@ def test_compiled_scoring_scores_like_eager_and_training_stays_eager(temporal, f
         torch.testing.assert_close(model(**arguments, candidates=candidates), eager, rtol=1e-5, atol=1e-5)
         fewer = model(**arguments, candidates=candidates[:, :2])  # another shape
         torch.testing.assert_close(fewer, eager[:, :2], rtol=1e-5, atol=1e-5)
+    if scorer.compiled is None:  # torch.compile fell back to eager: nothing compiled was compared
+        pytest.skip("torch.compile fell back to eager here (no working compiler)")
     assert calls == [(4, 9), (4, 2)]
     with_grad = model(**arguments, candidates=candidates)  # a training call: eager, differentiable
     assert len(calls) == 2 and with_grad.requires_grad

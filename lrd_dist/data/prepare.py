@@ -152,6 +152,14 @@ def write_dataset(
                 writer.abort()
             raise
         samples = {s: sum(i.samples for i in shards if i.split == s) for s in SPLITS}
+        empty = [s for s in SPLITS if not samples[s]]
+        if empty:  # nothing to select or report on: refused here, not after the first epoch
+            raise InputError(
+                out,
+                f"the {empty[0]} split is empty (samples per split: {samples})",
+                "give every user at least 3 interactions (--min-interactions), or check the source's "
+                "split columns",
+            )
         all_stats: dict[str, Any] = {
             "dev_rows_with_repeated_negative": repeated[DEV],
             "test_rows_with_repeated_negative": repeated[TEST],

@@ -195,6 +195,26 @@ class SequenceStream(IterableDataset):
         )
         return False
 
+    def _check_ids(self, columns: dict[str, np.ndarray], first: int, path: Path) -> None:
+        """Ids that index the model's tables must be in range: a shard that agrees with its
+        manifest can still hold what no catalog has, which would surface as an IndexError deep in
+        a step."""
+        limits = {"user": self.manifest.num_users, "target": self.manifest.num_items}
+        limits.update(history_items=self.manifest.num_items, negatives=self.manifest.num_items)
+        for name, limit in limits.items():
+            if name not in columns or not columns[name].size:
+                continue
+            values = columns[name].reshape(len(columns[name]), -1)
+            wrong = (values < 0) | (values > limit) | ((values == 0) if name in ("user", "target") else False)
+            if wrong.any():
+                row, column = (int(i[0]) for i in np.nonzero(wrong))
+                raise InputError(
+                    path,
+                    f"{name} {int(values[row, column])} is outside the dataset (1..{limit})",
+                    "prepare the dataset again: its shards do not belong to this manifest and catalog",
+                    record=f"sample {first + row}",
+                )
+
     def _read_range(self, shard: ShardInfo, start: int, stop: int, path: Path) -> Iterator[np.ndarray]:
         """Packed rows of samples [start, stop) of one shard (read from ``path``), checked against
         the manifest."""
@@ -214,6 +234,7 @@ class SequenceStream(IterableDataset):
                 if block != expected or block >= shard.blocks:
                     raise ValueError(f"found block {block} where block {expected} of {shard.blocks} was due")
                 columns = decode_block(record, tuple(self.fields))
+                self._check_ids(columns, block * block_size, path)
                 size = len(columns["user"])
                 if size != min(block_size, shard.samples - block * block_size):
                     raise ValueError(f"block {block} holds {size} samples")

@@ -65,10 +65,24 @@ RESUMABLE_CHANGES = {
     "llm.cache_dir",  # where the trunk cache lives; its key is checked apart
     "model.fused_attention",  # how the attention is computed, not what
 }
-# Training keys that decide which optimizers a checkpoint holds: they must match too.
-OPTIMIZER_KEYS = ("embedding_updates",)
+# Keys that decide which optimizers a checkpoint holds, the data order or the objective: a run that
+# continued with another value would not be the run that was stopped.
+TRAINING_KEYS = (
+    "train.embedding_updates",
+    "train.seed",
+    "train.loss",
+    "train.num_negatives",
+    "train.negative_rule",
+    "train.grad_accum",
+    "data.batch_size",
+    "data.max_history",
+)
 # With a frozen table (both runs), only these keys of the llm section define the model.
 FROZEN_LLM_KEYS = {"mode", "table", "shuffle_table"}
+
+
+class DamagedCheckpoint(InputError):
+    """A checkpoint whose files are not what its save wrote (``resume=auto`` falls back past it)."""
 
 
 class Stateful(Protocol):
@@ -85,6 +99,7 @@ class TrainState:
     epoch: int = 0  # the epoch to continue
     batches: int = 0  # micro-batches of that epoch already consumed (per rank)
     batches_per_epoch: int = 0  # per rank, in the run that saved it (another world size re-splits)
+    skipped_nonfinite: int = 0  # optimizer steps skipped for a NaN/inf loss (train.skip_nonfinite_steps)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +107,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batches = state["step"], state["epoch"], state["batches"]
         self.batches_per_epoch = state["batches_per_epoch"]
+        self.skipped_nonfinite = state["skipped_nonfinite"]
 
 
 class RNGState:
@@ -203,17 +219,31 @@ class Checkpointer:
         return final
 
     def resume(self) -> Resumed | None:
-        """Restore every registered part from ``checkpoint.resume`` (None: a fresh run)."""
-        path = find_resume_point(self.config, self.root)
-        if path is None:
+        """Restore every registered part from ``checkpoint.resume`` (None: a fresh run). With
+        ``auto``, a damaged newest checkpoint is skipped (said, with why) for the newest good one,
+        so a requeue loop goes on; another config or dataset is refused, whichever checkpoint."""
+        candidates = find_resume_points(self.config, self.root)
+        if not candidates:
             return None
         accelerator = self.accelerator
         deepspeed = accelerator.state.deepspeed_plugin is not None
-        error = None
-        try:
-            trainer = verify_checkpoint(path, self.config, self.data, accelerator.num_processes, deepspeed)
-        except InputError as exc:
-            error = exc
+        error: InputError | None = None
+        for path in candidates:
+            try:
+                trainer = verify_checkpoint(
+                    path, self.config, self.data, accelerator.num_processes, deepspeed
+                )
+                error = None
+                break
+            except DamagedCheckpoint as exc:
+                error = exc
+                if self.config.checkpoint.resume == "auto" and path != candidates[-1]:
+                    log.warning("resume=auto: skipping %s: %s", path.name, exc)
+                    continue
+                break
+            except InputError as exc:
+                error = exc
+                break
         # All ranks agree before anyone loads: one refusing rank stops them all with the same message.
         errors = [e for e in gather_object([str(error) if error else ""]) if e]
         if error is not None:
@@ -284,11 +314,12 @@ def _live(config: RunConfig) -> bool:
     return config.lrd.enabled and config.llm.mode != "frozen"
 
 
-def find_resume_point(config: RunConfig, root: Path) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` names: none, the latest complete one, or a path."""
+def find_resume_points(config: RunConfig, root: Path) -> list[Path]:
+    """The checkpoints ``checkpoint.resume`` may continue from, the one to try first first: none,
+    the complete ones newest first (``auto``), or the one named."""
     resume = config.checkpoint.resume
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
         found = complete_checkpoints(root)
         partial = sorted(root.glob(".incomplete-step-*")) if root.is_dir() else []
@@ -296,14 +327,13 @@ def find_resume_point(config: RunConfig, root: Path) -> Path | None:
             log.warning("ignoring %s: its save did not finish", path)
         if not found:
             log.info("resume=auto: no complete checkpoint under %s, starting fresh", root)
-            return None
-        return found[-1]
+        return found[::-1]
     path = Path(resume)
     if not path.is_dir():
         raise InputError(
             path, "no such checkpoint directory", "pass checkpoint.resume=auto or an existing step-* dir"
         )
-    return path
+    return [path]
 
 
 def verify_checkpoint(
@@ -318,13 +348,21 @@ def verify_checkpoint(
             "incomplete checkpoint (no COMPLETE marker): its save was interrupted",
             "resume from an earlier step-* directory, or checkpoint.resume=auto which skips it",
         )
-    listed = json.loads(marker.read_text())["files"]
-    for name, expected in listed.items():
+    try:
+        listed = json.loads(marker.read_text())["files"]
+        expected_files = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in listed.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DamagedCheckpoint(
+            marker,
+            f"damaged: not the list of files its save wrote ({exc.__class__.__name__})",
+            "resume from another checkpoint (checkpoint.resume=auto falls back to the newest good one)",
+        ) from exc
+    for name, (size, digest) in expected_files.items():
         file = path / name
         if not file.is_file():
-            raise InputError(file, "missing from the checkpoint", "resume from another checkpoint")
-        if file.stat().st_size != expected["bytes"] or sha256_of(file) != expected["sha256"]:
-            raise InputError(
+            raise DamagedCheckpoint(file, "missing from the checkpoint", "resume from another checkpoint")
+        if file.stat().st_size != size or sha256_of(file) != digest:
+            raise DamagedCheckpoint(
                 file,
                 "differs from the checksum recorded when it was written",
                 "resume from another checkpoint",
@@ -365,7 +403,7 @@ def config_changes(saved: dict, config: RunConfig, where: Path) -> list[str]:
     """What differs between a checkpoint's model-defining config and ``config``, as ``key: old ->
     new`` lines; a key the checkpoint lacks or this release does not know is refused."""
     now = asdict(config)
-    for section in (*MODEL_SECTIONS, "train"):
+    for section in (*MODEL_SECTIONS, "train", "data"):
         unknown = sorted(set(saved.get(section, {})) ^ set(now[section]))
         if unknown:
             raise InputError(
@@ -382,11 +420,10 @@ def config_changes(saved: dict, config: RunConfig, where: Path) -> list[str]:
         and f"{section}.{key}" not in RESUMABLE_CHANGES
         and not (section == "llm" and frozen and key not in FROZEN_LLM_KEYS)
     ]
-    changes += [
-        f"train.{key}: {saved['train'][key]!r} -> {now['train'][key]!r}"
-        for key in OPTIMIZER_KEYS
-        if saved["train"][key] != now["train"][key]
-    ]
+    for dotted in TRAINING_KEYS:
+        section, key = dotted.split(".")
+        if saved[section][key] != now[section][key]:
+            changes.append(f"{dotted}: {saved[section][key]!r} -> {now[section][key]!r}")
     return changes
 
 

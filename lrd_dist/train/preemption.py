@@ -35,6 +35,21 @@ class Preempted(Exception):
         self.step = step
 
 
+class NonFiniteLoss(Exception):
+    """A loss term went NaN or inf: every rank stops at that step, without a checkpoint of it (the
+    last one written is the last good one), with an exit code a scheduler does not requeue on."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, step: int, found: list[tuple[int, list[str]]], last_checkpoint: str | None) -> None:
+        where = "; ".join(f"rank {rank}: {', '.join(terms)}" for rank, terms in found)
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+        super().__init__(
+            f"non-finite loss at step {step} ({where}); stopped without a checkpoint of it, {kept}. Lower "
+            "train.lr, set train.max_grad_norm, or let train.skip_nonfinite_steps skip a few such steps"
+        )
+
+
 class PreemptionFlag:
     def __init__(self) -> None:
         self.signal: int | None = None

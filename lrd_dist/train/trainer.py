@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
@@ -24,6 +26,7 @@ from lrd_dist.config import RunConfig, to_yaml
 from lrd_dist.data.stream import make_loader
 from lrd_dist.data.user_items import UserItems
 from lrd_dist.encoders.item_text import LiveTextEncoder
+from lrd_dist.errors import InputError
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.models import frozen_parameter_names, load_weights, weights_to_save
 from lrd_dist.run_dir import RunDir
@@ -34,6 +37,7 @@ from lrd_dist.train.checkpoint import (
     RNGState,
     Stateful,
     TrainState,
+    complete_checkpoints,
     position_for_world_size,
     skip_frozen_weights,
 )
@@ -41,7 +45,7 @@ from lrd_dist.train.encoder_state import encoder_summary, save_encoder
 from lrd_dist.train.metrics_log import LogWindow, MetricsLog, flat_config
 from lrd_dist.train.optimizer import Schedules, build_optimizers
 from lrd_dist.train.plots import plot_curves
-from lrd_dist.train.preemption import Preempted, PreemptionFlag
+from lrd_dist.train.preemption import NonFiniteLoss, Preempted, PreemptionFlag
 from lrd_dist.train.progress import progress
 from lrd_dist.train.sampling import TrainingSampler
 from lrd_dist.train.selection import ModelSelection
@@ -53,14 +57,18 @@ def train(config: RunConfig, callbacks: list | None = None) -> dict:
     """Train, select on dev, score the best weights on test; returns what results.json holds.
     Raises ``Preempted`` after a checkpoint when the job is asked to stop."""
     trainer = Trainer(config, callbacks)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.lock.release()  # also when it fails: the directory is free for the next attempt
 
 
 class Trainer:
     def __init__(self, config: RunConfig, callbacks: list | None = None) -> None:
         self.config = config
         self.run_dir = RunDir(config.train.out_dir)
+        self.lock = self.run_dir.lock()
         self.callbacks = [
             hooks.CollapseWarning(),
             hooks.RelationAgreement(),
@@ -71,6 +79,7 @@ class Trainer:
         self.selection = ModelSelection(config.train.early_stop, config.train.patience)
         self.preempted = False
         self.done = False  # max_steps reached or early stop
+        self.nonfinite: list[str] = []  # loss terms that went NaN/inf in this accumulation window
         self.started = time.perf_counter()
         self.epoch_started = self.started
 
@@ -82,7 +91,8 @@ class Trainer:
         set_seed(config.train.seed)
         self.main = accelerator.is_main_process  # the only writer under out/ (checkpoints aside)
         if self.main:
-            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # one run per directory
+            self.claim_run_dir()
             self.run_dir.config_file.write_text(to_yaml(config))
         self.preemption = PreemptionFlag()
 
@@ -135,19 +145,45 @@ class Trainer:
             per_rank={"rng": RNGState(), "sampler": self.sampler},
             save_extra=self._save_encoder if self.live_encoder else None,
         )
-        self.resume()
+        resumed_from = self.resume()
         track = None
         if config.train.tracker != "none":
             accelerator.init_trackers("lrd_dist", config=flat_config(config))
             track = lambda scalars, step: accelerator.log(scalars, step=step)  # noqa: E731
         self.metrics = MetricsLog(self.run_dir.metrics, self.main, track)
+        if resumed_from is not None:  # the log says where this process took over (the tests check it)
+            self.metrics.record(
+                {"step": self.state.step, "epoch": self.state.epoch, "resumed_from": resumed_from.name}
+            )
         self.window = LogWindow()
         # A resumed run that had stopped early stays stopped (the official rule reads the dev history).
         self.done = self.state.step >= self.total_steps or self.selection.should_stop()
 
-    def resume(self) -> None:
+    def claim_run_dir(self) -> None:
+        """A fresh run (``checkpoint.resume=never``) into a directory that holds another run's
+        checkpoints would interleave with them: refused, unless ``checkpoint.overwrite`` clears it."""
+        if self.config.checkpoint.resume != "never":
+            return
+        found = complete_checkpoints(self.run_dir.checkpoints)
+        if found and not self.config.checkpoint.overwrite:
+            raise InputError(
+                self.run_dir.path,
+                f"holds the checkpoints of another run (the newest {found[-1].name})",
+                "continue it with checkpoint.resume=auto, give this run its own train.out_dir, or set "
+                "checkpoint.overwrite=true to delete them",
+            )
+        if found:
+            log.warning(
+                "checkpoint.overwrite: deleting the previous run's checkpoints in %s", self.run_dir.path
+            )
+            shutil.rmtree(self.run_dir.checkpoints)
+            for stale in (self.run_dir.best_weights, self.run_dir.results, self.run_dir.metrics):
+                stale.unlink(missing_ok=True)
+
+    def resume(self) -> Path | None:
         """Continue from ``checkpoint.resume`` as if the run had never stopped; a fresh run starts
-        its metrics log anew, a resumed one keeps it up to the checkpoint's step."""
+        its metrics log anew, a resumed one keeps it up to the checkpoint's step. Returns the
+        checkpoint it continued from."""
         resumed = self.checkpointer.resume()
         if resumed is not None and not resumed.same_world and self.state.batches:
             # another world size: continue at the same fraction of the epoch
@@ -160,6 +196,7 @@ class Trainer:
         self.state.batches_per_epoch = self.batches_per_epoch
         if self.main:
             MetricsLog.truncate(self.run_dir.metrics, self.state.step if resumed else 0)
+        return resumed.path if resumed is not None else None
 
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -214,11 +251,17 @@ class Trainer:
             self.accelerator.backward(
                 total if self.backend.deepspeed else total / self.config.train.grad_accum
             )
-        self.window.add(losses, int(batch["valid"].sum()))
+        if not torch.isfinite(total.detach()):
+            terms = [n for n in ("rec", "kg", "lrd") if n in losses and not torch.isfinite(losses[n]).all()]
+            self.nonfinite += [t for t in terms or ["loss"] if t not in self.nonfinite]
+        else:
+            self.window.add(losses, int(batch["valid"].sum()))
         return losses
 
     def optimizer_step(self) -> None:
         config, state = self.config, self.state
+        if self.any_rank_nonfinite():
+            return
         if config.train.max_grad_norm and not self.backend.deepspeed:  # DeepSpeed clips from its config
             self.accelerator.clip_grad_norm_(self.model.parameters(), config.train.max_grad_norm)
         for optimizer in self.optimizers:
@@ -240,6 +283,35 @@ class Trainer:
         every = config.checkpoint.every_steps
         if self.preempted or (every and state.step % every == 0 and state.batches < self.batches_per_epoch):
             self.checkpointer.save(state.step)
+
+    def any_rank_nonfinite(self) -> bool:
+        """Collective: a NaN/inf loss on any rank in this window drops the window's gradients on every
+        rank and skips the step (``train.skip_nonfinite_steps`` times at most; never under DeepSpeed,
+        whose engine keeps its own gradients), or stops every rank with ``NonFiniteLoss``."""
+        flag = torch.tensor([1.0 if self.nonfinite else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if not flag.item():
+            return False
+        state = self.state
+        mine = [(self.accelerator.process_index, self.nonfinite)]
+        found = [
+            item for item in (gather_object(mine) if self.accelerator.num_processes > 1 else mine) if item[1]
+        ]
+        self.nonfinite = []
+        if not self.backend.deepspeed and state.skipped_nonfinite < self.config.train.skip_nonfinite_steps:
+            for optimizer in self.optimizers:
+                optimizer.zero_grad()
+            state.skipped_nonfinite += 1
+            log.warning("non-finite loss after step %d (%s): step skipped", state.step, found)
+            self.metrics.record(
+                {"step": state.step, "epoch": state.epoch, "skipped_nonfinite": state.skipped_nonfinite}
+            )
+            return True
+        last = complete_checkpoints(self.run_dir.checkpoints)
+        self.metrics.close()
+        self.end_training()
+        raise NonFiniteLoss(state.step + 1, found, last[-1].name if last else None)
 
     # ---- end of epoch: dev evaluation, model selection, checkpoint ------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
@@ -345,6 +417,7 @@ class Trainer:
         which turned the requeue into a failed job)."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        self.lock.release()
 
 
 def _to_device(value, device):

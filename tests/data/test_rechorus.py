@@ -184,3 +184,14 @@ def test_duplicate_text_id_is_named(rechorus_dir: Path, tmp_path: Path) -> None:
     path = rechorus_dir / "Toy.text"
     path.write_text(path.read_text() + "A3\tAnother stapler\n")
     _expect_error(rechorus_dir, tmp_path, "Toy.text", "line 8", "id A3 appears twice")
+
+
+def test_an_empty_dev_split_is_refused_by_prepare(rechorus_dir: Path, tmp_path: Path, capsys) -> None:
+    """Nothing to select the best epoch on: refused when the data is written, not after an epoch."""
+    from lrd_dist.cli import main
+
+    (rechorus_dir / "dev.csv").write_text("user_id\titem_id\ttime\tneg_items\n")
+    out = tmp_path / "out"
+    assert main(["prepare", "--source", "rechorus", "--input", str(rechorus_dir), "--out", str(out)]) == 2
+    assert "dev.csv, line 2: has no rows: this split would be empty" in capsys.readouterr().err
+    assert not out.exists()

@@ -171,3 +171,19 @@ def test_blocks_are_decoded_without_pickle(synth_dataset: Path) -> None:
         header = tar.extractfile(member).read()
     array = np.lib.format.read_array(io.BytesIO(header), allow_pickle=False)
     assert array.dtype != object and member.name.endswith(".npy")
+
+
+def test_ids_outside_the_dataset_are_refused_naming_the_shard_and_sample(
+    synth_dataset: Path, tmp_path: Path
+) -> None:
+    """A shard consistent with its manifest's checksums can still name items no catalog has; they
+    would reach the model as an IndexError deep in a step."""
+    directory = tmp_path / "shrunk"
+    shutil.copytree(synth_dataset, directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["num_items"] = 10
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        InputError, match=r"test-000000\.tar, sample \d+: (target|history_items|negatives) \d+ is outside"
+    ):
+        _epoch(directory, split="test", shuffle=False)

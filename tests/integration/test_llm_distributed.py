@@ -20,6 +20,7 @@ from lrd_dist.encoders.text import load_encoder, load_table
 from lrd_dist.train.checkpoint import complete_checkpoints
 from tests.conftest import TINY_LRD
 from tests.faults import kill
+from tests.helpers import resumes
 from tests.integration.launch import lrd_launch
 
 pytestmark = pytest.mark.slow
@@ -97,6 +98,7 @@ def test_killed_lora_run_resumes_with_identical_losses(
     assert crash.returncode != 0
     assert complete_checkpoints(killed / "checkpoints")[-1].name == "step-00000002"
     _ok(lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, "checkpoint.resume=auto")))
+    assert resumes(killed) == ["step-00000002"]
 
     def losses(run: Path) -> list[dict]:
         entries = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,8 @@ import pytest
 from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.preemption import PREEMPTED_FILE_ENV, REQUEUE_EXIT_CODE
 from tests.conftest import TINY_LRD
-from tests.faults import kill
+from tests.faults import hang, kill
+from tests.helpers import resumes
 from tests.integration.launch import REPO, launch_env, lrd_launch, lrd_launch_command
 
 pytestmark = pytest.mark.slow
@@ -73,6 +74,7 @@ def test_sigkilled_rank_resumes_with_identical_losses(
     assert max(e["step"] for e in _log(killed)) >= 13  # it ran past the checkpoint before dying
 
     _ok(lrd_launch(launcher, *_train(synth_with_embeddings, killed, "checkpoint.resume=auto")))
+    assert resumes(killed) == ["step-00000012"]
     after = [e for e in _log(killed) if e["step"] > 12]
     assert after == [e for e in _log(straight) if e["step"] > 12]  # bit for bit, every step
     assert len([e for e in after if "loss" in e]) == 30 - 12
@@ -80,6 +82,24 @@ def test_sigkilled_rank_resumes_with_identical_losses(
         json.loads((killed / "results.json").read_text())["test"]
         == json.loads((straight / "results.json").read_text())["test"]
     )
+
+
+def test_a_rank_that_stops_answering_ends_the_job_within_the_collective_timeout(
+    synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    """Rank 1 hangs after step 3; rank 0 waits at the next collective for at most
+    ``train.collective_timeout_s``, then the job ends (no hang, not the requeue code)."""
+    fault, env = hang(step=3, rank=1)
+    started = time.monotonic()
+    result = lrd_launch(
+        "cpu_2proc",
+        *_train(synth_with_embeddings, tmp_path / "hung", *fault, "train.collective_timeout_s=10"),
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode not in (0, REQUEUE_EXIT_CODE)
+    assert time.monotonic() - started < 150
+    assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower(), result.stderr[-3000:]
 
 
 def test_sparse_id_table_updates_under_ddp_resume_exactly_and_zero_refuses_them(
@@ -94,6 +114,7 @@ def test_sparse_id_table_updates_under_ddp_resume_exactly_and_zero_refuses_them(
     crash = lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, sparse, *fault), env=fault_env)
     assert crash.returncode != 0
     _ok(lrd_launch("cpu_2proc", *_train(synth_with_embeddings, killed, sparse, "checkpoint.resume=auto")))
+    assert resumes(killed) == ["step-00000012"]
     after = [e for e in _log(killed) if e["step"] > 12]
     assert len([e for e in after if "loss" in e]) == 30 - 12
     assert after == [e for e in _log(straight) if e["step"] > 12]  # bit for bit, every step
@@ -121,6 +142,7 @@ def test_two_process_checkpoint_resumes_in_one_process(
     )
     _ok(result)
     assert "resuming a 2-process checkpoint with 1 processes" in result.stderr
+    assert resumes(run) == ["step-00000024"]
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 30 and results["world_size"] == 1
     assert results["test"]["examples"] == 301
@@ -184,6 +206,7 @@ def test_signal_to_the_launcher_checkpoints_and_exits_for_requeue(
         *_train(synth_with_embeddings, run, "train.max_steps=0", "train.epochs=3", "checkpoint.resume=auto"),
     )
     _ok(resumed)
+    assert resumes(run) == [f"step-{stopped_at:08d}"]
     results = json.loads((run / "results.json").read_text())
     steps_per_epoch = next(e["step"] for e in _log(run) if "dev/NDCG@10" in e)
     assert results["steps"] == 3 * steps_per_epoch

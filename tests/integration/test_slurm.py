@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_LRD
+from tests.helpers import resumes
 from tests.integration.launch import REPO
 
 pytestmark = pytest.mark.slow
@@ -159,6 +160,8 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
     entries = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [e["step"] for e in entries if "loss" in e]
     assert steps == list(range(1, len(steps) + 1))  # one history across the requeue
+    (resumed_from,) = resumes(run)  # the requeued attempt resumed from the preemption's checkpoint
+    assert 0 < int(resumed_from.split("-")[1]) < steps[-1]
     epoch_ends = [e["step"] for e in entries if "dev/NDCG@10" in e]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4 * epoch_ends[0] == epoch_ends[-1]

@@ -26,6 +26,7 @@ from lrd_dist.train.checkpoint import COMPLETE, TRAINER, complete_checkpoints
 from lrd_dist.train.trainer import train
 from tests.conftest import TINY_LRD
 from tests.faults import kill
+from tests.helpers import resumes
 from tests.integration.launch import lrd_launch
 
 pytestmark = pytest.mark.slow
@@ -100,6 +101,7 @@ def test_a_killed_rank_resumes_from_its_checkpoint_with_identical_losses(
     _ok(resumed)
     assert re.search(r"resumed from \S+step-00000002 at step 2", resumed.stderr), resumed.stderr[-3000:]
     assert _losses(killed) == _losses(trunk_runs["cpu_2proc"]) and len(_losses(killed)) == STEPS
+    assert resumes(killed) == ["step-00000002"]
 
 
 def test_a_checkpoint_of_another_trunk_cache_is_refused(

@@ -16,6 +16,7 @@ from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.trainer import train
 from tests.conftest import TINY_LRD
 from tests.faults import kill
+from tests.helpers import resumes, training_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,7 +176,8 @@ def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tm
     def log(run: Path) -> list[dict]:
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    a, b = log(straight), log(killed)
+    assert resumes(killed) == ["step-00000008"]  # it resumed; it did not start again
+    a, b = log(straight), training_log(log(killed))
     assert len(a) == len(b) and any(e["step"] > 10 for e in a)
     for x, y in zip(a, b, strict=True):
         for timing in ("epoch_seconds", "samples_per_s"):
@@ -297,3 +299,83 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_and_never_unpickled(
     with weights_only_loading(), pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "hostile0" / places[0], weights_only=False)
     assert not marker.exists()
+
+
+def test_one_run_per_directory(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path, caplog
+) -> None:
+    """A second fresh run into a used directory is refused (or clears it when told to), a run
+    holding the directory's lock refuses any other, a lock left by a dead run is taken over, and a
+    resume that would change the data order or the objective is refused naming the key."""
+    import fcntl
+    import textwrap
+
+    used = tmp_path / "used"
+    shutil.copytree(checkpointed_run, used)
+    fresh = _overrides(synth_with_embeddings, used, "train.max_steps=2")
+    with pytest.raises(
+        InputError, match=r"holds the checkpoints of another run \(the newest step-00000012\)"
+    ):
+        train(load_config(None, fresh))
+    assert train(load_config(None, [*fresh, "checkpoint.overwrite=true"]))["steps"] == 2
+    assert [p.name for p in complete_checkpoints(used / "checkpoints")] == ["step-00000002"]
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fcntl, json, os, sys, time
+                fd = os.open({str(used / ".lock")!r}, os.O_RDWR | os.O_CREAT)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, json.dumps({{"host": "n7", "pid": os.getpid(), "slurm_job": "42",
+                                          "started": "now"}}).encode())
+                print("held", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        resume = _overrides(synth_with_embeddings, used, "train.max_steps=3", "checkpoint.resume=auto")
+        with pytest.raises(
+            InputError, match=r"another run is training here \(process \d+ on n7, SLURM job 42"
+        ):
+            train(load_config(None, resume))
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its record is still in the file, the lock is free
+    assert "n7" in (used / ".lock").read_text()
+    assert train(load_config(None, resume))["steps"] == 3
+    assert "ended without releasing the run directory; taking it over" in caplog.text
+    with open(used / ".lock") as handle:  # released at the end of the run
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for key, value in (("train.seed", "7"), ("data.batch_size", "32"), ("train.grad_accum", "2")):
+        changed = _overrides(synth_with_embeddings, used, "train.max_steps=4", "checkpoint.resume=auto")
+        with pytest.raises(InputError, match=rf"{key.replace('.', '[.]')}: "):
+            train(load_config(None, [*changed, f"{key}={value}"]))
+
+
+def test_resume_auto_falls_back_past_a_damaged_checkpoint_and_says_why(
+    synth_with_embeddings: Path, checkpointed_run: Path, tmp_path: Path, caplog
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    newest = run / "checkpoints" / "step-00000012"
+    (newest / "COMPLETE").write_text('{"files": {"trainer.json": ')  # cut short by a full disk
+    resumed = train(
+        load_config(
+            None, _overrides(synth_with_embeddings, run, "train.max_steps=14", "checkpoint.resume=auto")
+        )
+    )
+    assert resumed["steps"] == 14
+    assert resumes(run) == ["step-00000008"]
+    assert "skipping step-00000012" in caplog.text and "COMPLETE: damaged" in caplog.text
+    # named explicitly, a damaged checkpoint is refused, as damaged
+    with pytest.raises(InputError, match=r"COMPLETE: damaged: not the list of files its save wrote"):
+        _resume(synth_with_embeddings, checkpointed_run, tmp_path, newest)

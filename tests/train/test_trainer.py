@@ -8,6 +8,7 @@ from lrd_dist.errors import InputError
 from lrd_dist.train.selection import official_stop
 from lrd_dist.train.trainer import train
 from tests.conftest import small_run
+from tests.helpers import resumes, training_log
 
 DEMO = Path(str(DEMO_CONFIG))
 
@@ -143,6 +144,49 @@ def test_a_run_stopped_by_the_official_rule_stays_stopped_on_resume(
     again = train(load_config(None, overrides))
     # resumed from the last checkpoint: no further epoch, the same best weights and test figures
     assert again["epochs_run"] == first["epochs_run"] and again["steps"] == first["steps"]
-    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert training_log(kept) == [json.loads(line) for line in metrics.splitlines()]
+    assert resumes(tmp_path) == [f"step-{first['steps']:08d}"]
     assert (tmp_path / "best.safetensors").read_bytes() == best
     assert again["test"] == first["test"]
+
+
+def test_a_non_finite_loss_stops_the_run_clearly_or_is_skipped_when_allowed(
+    synth_with_embeddings: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """NaN at the fourth training call: the run stops there naming the step, the rank and the term,
+    with exit code 3 (not 75: nothing to requeue) and its last good checkpoint kept; with
+    ``train.skip_nonfinite_steps`` the step is skipped and counted instead."""
+    from lrd_dist.models.recommender import Recommender
+
+    forward, calls = Recommender.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            out["rec"] = out["rec"] * float("nan")
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Recommender, "forward", poisoned)
+    overrides = small_run(
+        synth_with_embeddings, tmp_path / "stopped", "train.max_steps=6", "checkpoint.every_steps=2"
+    )
+    with pytest.raises(
+        Exception, match=r"non-finite loss at step 4 \(rank 0: rec\).*last good checkpoint is step-00000002"
+    ):
+        train(load_config(None, overrides))
+    calls.clear()
+    from lrd_dist.cli import main
+
+    assert main(["train", *small_run(synth_with_embeddings, tmp_path / "cli", "train.max_steps=6")]) == 3
+    calls.clear()
+    skipped = small_run(
+        synth_with_embeddings, tmp_path / "skipped", "train.max_steps=6", "train.skip_nonfinite_steps=1"
+    )
+    results = train(load_config(None, skipped))
+    assert results["steps"] == 6
+    entries = [json.loads(line) for line in (tmp_path / "skipped" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["skipped_nonfinite"] for e in entries if "skipped_nonfinite" in e] == [1]
+    assert all(e["loss"] == e["loss"] for e in entries if "loss" in e)  # no NaN reached the log

@@ -99,6 +99,8 @@ def _read_texts(directory: Path, name: str | None) -> tuple[Path, pa.Table] | No
 
 def _read_eval(path: Path) -> tuple[pa.Table, np.ndarray]:
     table = read_delimited(path, ID_COLUMNS | {"neg_items": pa.string()})
+    if not len(table):  # no users to select on or to report: refused here, not after an epoch
+        raise InputError(path, "has no rows: this split would be empty", "give it one row per user", line=2)
     negatives = parse_id_lists(table.column("neg_items"), path, "neg_items", 2)
     lengths = pc.list_value_length(negatives).to_numpy()
     wrong = np.flatnonzero(lengths != lengths[0]) if len(lengths) else np.zeros(0, dtype=np.int64)
