@@ -151,7 +151,7 @@ class Histories:
         item_id = {s: i + 1 for i, s in enumerate(catalog.source_ids.to_pylist())}
         names, users, sequences, sequence_times = [], [], [], []
         with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+            for line_number, line in enumerate(_bounded_lines(handle, path), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -160,43 +160,84 @@ class Histories:
                     raise InputError(
                         path, f"not JSON ({exc.msg})", "write one JSON object per line", line=line_number
                     ) from exc
-                if not isinstance(record, dict) or not isinstance(record.get("items"), list):
-                    raise InputError(
-                        path, "no list of items", 'write {"user": ..., "items": [...]}', line=line_number
-                    )
-                given = [str(i) for i in record["items"]]
-                unknown = [i for i in given if i not in item_id]
-                if unknown:
-                    raise InputError(
-                        path,
-                        f"unknown item ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}",
-                        "use the catalog's source ids (catalog.parquet, column source_id)",
-                        line=line_number,
-                    )
-                times = record.get("times")
-                if times is None:
-                    times = [0] * len(given)
-                if not isinstance(times, list) or len(times) != len(given):
-                    raise InputError(
-                        path, "times and items differ in length", "give one time per item", line=line_number
-                    )
-                name = str(record.get("user", f"line{line_number}"))
+                given, times, name = _history_record(record, path, line_number, item_id)
                 names.append(name)
                 users.append((known_users or {}).get(name, 0))
                 sequences.append([item_id[i] for i in given])
-                sequence_times.append([int(t) for t in times])
+                sequence_times.append(times)
         if not names:
             raise InputError(path, "no histories", "write one JSON object per line")
-        width = max(1, max(len(s) for s in sequences))
-        items = np.zeros((len(names), width), dtype=np.int64)
-        times = np.zeros((len(names), width), dtype=np.int64)
+        # the model reads the most recent max_history items: no row is padded to a longer line
+        width = max(1, min(max_history, max(len(s) for s in sequences)))
+        item_matrix = np.zeros((len(names), width), dtype=np.int64)
+        time_matrix = np.zeros((len(names), width), dtype=np.int64)
         for row, (sequence, stamps) in enumerate(zip(sequences, sequence_times, strict=True)):
-            items[row, : len(sequence)] = sequence
-            times[row, : len(stamps)] = stamps
-        length = np.array([len(s) for s in sequences], dtype=np.int64)
-        histories = cls.from_sequences(np.array(users), names, items, times, length, max_history)
+            recent = len(sequence) - min(len(sequence), width)
+            item_matrix[row, : len(sequence) - recent] = sequence[recent:]
+            time_matrix[row, : len(stamps) - recent] = stamps[recent:]
+        length = np.array([min(len(s), width) for s in sequences], dtype=np.int64)
+        histories = cls.from_sequences(np.array(users), names, item_matrix, time_matrix, length, max_history)
         histories.given = [np.array(s, dtype=np.int64) for s in sequences]
         return histories
+
+
+MAX_LINE_BYTES = 1 << 20  # one history per line; a longer line is refused, not read into memory
+MAX_TIME = 2**53  # seconds (or any integer clock) a float64 still counts exactly
+
+
+def _bounded_lines(handle, path: Path):
+    number = 0
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise InputError(
+                path,
+                f"longer than {MAX_LINE_BYTES} characters",
+                "give a user's most recent items only (the model reads data.max_history of them)",
+                line=number,
+            )
+        yield line
+
+
+def _history_record(record, path: Path, line: int, item_id: dict) -> tuple[list[str], list[int], str]:
+    """(item source ids, times, user name) of one line, every field checked."""
+    if not isinstance(record, dict) or not isinstance(record.get("items"), list):
+        raise InputError(path, "no list of items", 'write {"user": ..., "items": [...]}', line=line)
+    user = record.get("user", f"line{line}")
+    if not isinstance(user, str | int) or isinstance(user, bool):
+        raise InputError(path, f"user {user!r} is not a string or an integer", "name the user", line=line)
+    if any(not isinstance(i, str | int) or isinstance(i, bool) for i in record["items"]):
+        raise InputError(path, "items must be source ids (strings or integers)", "list item ids", line=line)
+    given = [str(i) for i in record["items"]]
+    unknown = [i for i in given if i not in item_id]
+    if unknown:
+        raise InputError(
+            path,
+            f"unknown item ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}",
+            "use the catalog's source ids (catalog.parquet, column source_id)",
+            line=line,
+        )
+    times = record.get("times")
+    if times is None:
+        times = [0] * len(given)
+    if not isinstance(times, list) or len(times) != len(given):
+        raise InputError(path, "times and items differ in length", "give one time per item", line=line)
+    bad = [
+        t
+        for t in times
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < MAX_TIME or t != int(t)
+    ]
+    if bad:
+        raise InputError(
+            path,
+            f"time {bad[0]!r} is not a whole number of seconds between 0 and 2**53",
+            "give Unix times in seconds, one per item",
+            line=line,
+        )
+    return given, [int(t) for t in times], str(user)
 
 
 def _later(key: np.ndarray, than: np.ndarray) -> np.ndarray:

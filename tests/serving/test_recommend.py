@@ -157,7 +157,34 @@ def test_bad_input_is_refused_with_the_file_and_the_fix(
     file.write_text('{"user": "a", "items": ["synth-1"]}\n{"user": "b", "items": ["nope", "synth-2"]}\n')
     assert main(["recommend", "--run", str(runs["kda_lrd"]), "--histories", str(file), *out]) == 2
     assert "h.jsonl, line 2: unknown item ids ['nope']" in capsys.readouterr().err
+    # every field is checked: each bad time or id is refused naming the line, not a traceback
+    for line, problem in (
+        ('{"user": "b", "items": ["synth-2"], "times": ["x"]}', "time 'x' is not a whole number"),
+        ('{"user": "b", "items": ["synth-2"], "times": [null]}', "time None is not a whole number"),
+        ('{"user": "b", "items": ["synth-2"], "times": [1e30]}', "time 1e+30 is not a whole number"),
+        ('{"user": "b", "items": [["synth-2"]]}', "items must be source ids"),
+        ('{"user": ["b"], "items": ["synth-2"]}', "user ['b'] is not a string or an integer"),
+        (
+            '{"user": "b", "items": ["' + "synth-1" + '", ' + '"synth-2", ' * 200_000 + '"synth-3"]}',
+            "longer than",
+        ),
+    ):
+        file.write_text('{"user": "a", "items": ["synth-1"]}\n' + line + "\n")
+        assert main(["recommend", "--run", str(runs["kda_lrd"]), "--histories", str(file), *out]) == 2
+        assert f"h.jsonl, line 2: {problem}" in capsys.readouterr().err
     assert not (tmp_path / "r.parquet").exists()
+    # a long history is read up to what the model reads: no row is padded to the longest line
+    from lrd_dist.data.histories import Histories
+
+    trained = load_trained(runs["kda_lrd"])
+    file.write_text(
+        '{"user": "a", "items": ["synth-1"]}\n{"user": "b", "items": ' + json.dumps(["synth-2"] * 500) + "}\n"
+    )
+    histories = Histories.from_jsonl(file, trained.catalog, trained.config.data.max_history)
+    assert histories.items.shape[1] == trained.config.data.max_history and histories.length.tolist() == [
+        1,
+        20,
+    ]
 
 
 def test_retrieve_then_rerank_keeps_the_reranker_order_within_the_candidates(
