@@ -64,6 +64,7 @@ class DatasetAndModel:
             seed=self.config.train.seed,
             num_workers=data.num_workers,
             on_corrupt=data.on_corrupt,
+            read_timeout_s=data.read_timeout_s,
         )
         return SequenceStream(self.data_dir, split, loader, rank, world_size)
 

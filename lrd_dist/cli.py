@@ -15,8 +15,9 @@ import logging
 import sys
 
 from lrd_dist.commands import COMMANDS
+from lrd_dist.data.remote import TransientFetchError
 from lrd_dist.errors import InputError
-from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted
+from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, PreemptionFlag
 
 log = logging.getLogger("lrd_dist")
 MODEL_COMMANDS = {"demo", "embed", "train", "export", "eval", "relations", "recommend"}
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command_module(args.command).run(args)
         completed = True
+    except TransientFetchError as exc:  # a bad moment, not a bad input: let the scheduler run it again
+        print(f"lrd-dist {args.command}: error: {exc}", file=sys.stderr)
+        PreemptionFlag.announce()  # `lrd-dist launch` exits with the requeue code too
+        return REQUEUE_EXIT_CODE
     except InputError as exc:
         print(f"lrd-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ class DataConfig:
     eval_batch_size: int = option(256, "users per evaluation batch and rank")
     num_workers: int = option(0, "DataLoader worker processes per rank (0: read in the training process)")
     shuffle_buffer: int = option(8192, "samples in each loader's shuffle buffer")
+    read_timeout_s: float = option(
+        120.0, "a remote dataset: seconds one fetch of a shard may take (stalled or trickling) before a retry"
+    )
     on_corrupt: Literal["fail", "skip"] = option(
         "fail",
         "a shard whose sha256 or sample count is wrong: stop, or skip it (logged, rows marked invalid)",

@@ -15,12 +15,14 @@ standard output is the file, e.g. ``pipe:curl -s -f -L https://host/ds/{path}`` 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -46,44 +48,103 @@ def is_remote(location: str | Path) -> bool:
     return text.startswith("pipe:") or ("://" in text and not text.startswith("file://"))
 
 
-def fetch(location: str, relative: str, destination: Path, timeout: float = 60.0) -> Path:
-    """Copy ``location/relative`` to ``destination``; an InputError naming the URL if it fails."""
+class TransientFetchError(InputError):
+    """A remote location that stalled, trickled or dropped the connection on every attempt: not a
+    bad input but a bad moment. ``lrd-dist`` exits with the requeue code on it (75), so a scheduler
+    runs the job again and it resumes from its last checkpoint."""
+
+
+FETCH_ATTEMPTS = 4  # a fetch and its retries
+FETCH_RETRIES = {"count": 0}  # retries in this process (logged each time)
+BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0)  # before the 1st, 2nd, ... retry
+
+
+def fetch(
+    location: str,
+    relative: str,
+    destination: Path,
+    deadline: float = 120.0,
+    attempts: int = FETCH_ATTEMPTS,
+) -> Path:
+    """Copy ``location/relative`` to ``destination`` within ``deadline`` seconds per attempt.
+    Transient failures (timeouts, a stalled or trickling stream, dropped connections, HTTP 5xx and
+    429, a ``pipe:`` command that overruns) are retried with backoff (1, 2, 4 s); after the last
+    attempt a ``TransientFetchError``. Wrong locations (HTTP 4xx, a refused connection, missing
+    files, a command that fails) are an ``InputError`` at once."""
     if not is_inside(relative):  # a manifest's shard path is checked when it is loaded; this is the last door
         raise InputError(location, f"{relative!r} is not a relative path inside the dataset", "re-prepare it")
     url = f"{location.rstrip('/')}/{relative}" if not location.startswith("pipe:") else location
     partial = destination.with_name(destination.name + ".partial")
-    try:
-        if location.startswith("pipe:"):
-            # split first, then put the path in: it is one argument, never words of the command
-            argv = [word.replace("{path}", relative) for word in shlex.split(location[len("pipe:") :])]
-            command = shlex.join(argv)
+    for attempt in range(1, attempts + 1):
+        try:
+            _fetch_once(location, relative, url, partial, deadline)
+            partial.replace(destination)
+            return destination
+        except _Transient as exc:
+            partial.unlink(missing_ok=True)
+            if attempt == attempts:
+                raise TransientFetchError(
+                    url,
+                    f"{exc} (after {attempts} attempts)",
+                    "check the server and the network; the job exits 75 so a scheduler requeues it",
+                ) from exc
+            FETCH_RETRIES["count"] += 1
+            wait = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS)) - 1]
+            log.warning("fetch %s: %s; retry %d of %d in %.0f s", url, exc, attempt, attempts - 1, wait)
+            time.sleep(wait)
+        except InputError:
+            partial.unlink(missing_ok=True)
+            raise
+    raise AssertionError("unreachable")
+
+
+class _Transient(Exception):
+    pass
+
+
+def _fetch_once(location: str, relative: str, url: str, partial: Path, deadline: float) -> None:
+    end = time.monotonic() + deadline
+    if location.startswith("pipe:"):
+        # split first, then put the path in: it is one argument, never words of the command
+        argv = [word.replace("{path}", relative) for word in shlex.split(location[len("pipe:") :])]
+        try:
             with open(partial, "wb") as out:
-                done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=timeout * 10)
-            if done.returncode != 0:
-                raise InputError(
-                    command,
-                    f"exited with {done.returncode} ({done.stderr.decode(errors='replace').strip()[:200]})",
-                    "check the command and the location (data.dir=pipe:... with {path})",
-                )
-        elif url.startswith(("http://", "https://")):
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-                shutil.copyfileobj(response, out, 1 << 20)
-        else:
-            _fsspec_copy(url, partial)
+                done = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, timeout=deadline)
+        except subprocess.TimeoutExpired as exc:
+            raise _Transient(f"the command ran past the {deadline:.0f} s read deadline") from exc
+        except FileNotFoundError as exc:
+            raise InputError(shlex.join(argv), "no such program", "check data.dir=pipe:...") from exc
+        if done.returncode != 0:  # a command's failure cannot be told transient: said, not retried
+            raise InputError(
+                shlex.join(argv),
+                f"exited with {done.returncode} ({done.stderr.decode(errors='replace').strip()[:200]})",
+                "check the command and the location (data.dir=pipe:... with {path})",
+            )
+        return
+    if not url.startswith(("http://", "https://")):
+        _fsspec_copy(url, partial)
+        return
+    try:
+        with urllib.request.urlopen(url, timeout=min(deadline, 30.0)) as response, open(partial, "wb") as out:
+            while block := response.read1(
+                1 << 20
+            ):  # what has arrived: a trickle cannot block past the deadline
+                out.write(block)
+                if time.monotonic() > end:
+                    raise _Transient(f"no complete file within the {deadline:.0f} s read deadline")
     except urllib.error.HTTPError as exc:
-        partial.unlink(missing_ok=True)
+        if exc.code >= 500 or exc.code == 429:
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from exc
         raise InputError(
             url, f"HTTP {exc.code} {exc.reason}", "check the URL: data.dir must be the dataset directory"
         ) from exc
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        partial.unlink(missing_ok=True)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise InputError(url, f"unreachable ({reason})", "check the host, the port and the network") from exc
-    except InputError:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(destination)
-    return destination
+        if isinstance(exc, urllib.error.URLError) and isinstance(reason, ConnectionRefusedError):
+            raise InputError(
+                url, f"unreachable ({reason})", "check the host, the port and the network"
+            ) from exc
+        raise _Transient(f"unreachable or interrupted ({reason})") from exc
 
 
 def _fsspec_copy(url: str, destination: Path) -> None:
@@ -132,9 +193,9 @@ def remote_of(directory: Path) -> str | None:
 class FetchedShard:
     """A remote shard in a temporary file while it is read, checked against its sha256."""
 
-    def __init__(self, location: str, relative: str, sha256: str) -> None:
+    def __init__(self, location: str, relative: str, sha256: str, deadline: float = 120.0) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="lrd-dist-shard-"))
-        self.path = fetch(location, relative, self.directory / Path(relative).name)
+        self.path = fetch(location, relative, self.directory / Path(relative).name, deadline)
         digest = hashlib.sha256()
         with open(self.path, "rb") as handle:
             while block := handle.read(1 << 22):

@@ -61,6 +61,7 @@ class LoaderConfig:
     num_workers: int = 0
     on_corrupt: str = "fail"  # fail | skip
     verify_checksums: bool = True
+    read_timeout_s: float = 120.0  # a remote shard fetch, per attempt (data.read_timeout_s)
 
     def __post_init__(self) -> None:
         if self.on_corrupt not in ("fail", "skip"):
@@ -285,7 +286,7 @@ class SequenceStream(IterableDataset):
             if self._check_shard(shard):
                 yield from self._read_range(shard, start, stop, self.directory / shard.path)
             return
-        fetched = FetchedShard(self.remote, shard.path, shard.sha256)
+        fetched = FetchedShard(self.remote, shard.path, shard.sha256, self.config.read_timeout_s)
         try:
             if fetched.matches:
                 yield from self._read_range(shard, start, stop, fetched.path)

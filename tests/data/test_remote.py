@@ -3,10 +3,13 @@ the stream yields exactly the local samples, two ranks train on it exactly as on
 resume exactly after a kill, and a damaged shard, a wrong path or an unreachable server are refused
 naming the URL."""
 
+import functools
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -110,6 +113,70 @@ def test_a_hostile_manifest_served_over_http_is_refused_and_runs_nothing(served,
         assert not marker.exists()
     finally:
         (copy / "manifest.json").write_text(original)
+        _views.clear()
+
+
+class _SlowHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a dataset directory, but its shards stall (half sent, then nothing) or trickle."""
+
+    mode = "stall"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if not self.path.endswith(".tar"):
+            return super().do_GET()
+        body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if self.mode == "stall":
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(30)
+            else:  # trickle: a few bytes at a time, never idle long enough for a socket timeout
+                for start in range(0, len(body), 16):
+                    self.wfile.write(body[start : start + 16])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.mark.parametrize("mode", ["stall", "trickle"])
+def test_a_stalled_or_trickling_server_is_retried_then_the_job_exits_for_a_requeue(
+    synth_with_embeddings: Path, tmp_path: Path, mode: str, monkeypatch
+) -> None:
+    from lrd_dist.cli import main
+    from lrd_dist.data import remote
+
+    monkeypatch.setattr(remote, "BACKOFF_SECONDS", (0.0,))  # no waiting between the retries here
+    handler = functools.partial(_SlowHandler, directory=str(synth_with_embeddings.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    _SlowHandler.mode = mode
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{synth_with_embeddings.name}"
+        shard = json.loads((synth_with_embeddings / "manifest.json").read_text())["shards"][0]["path"]
+        before = remote.FETCH_RETRIES["count"]
+        started = time.monotonic()
+        with pytest.raises(remote.TransientFetchError, match=r"(deadline|timed out\)) \(after 3 attempts\)"):
+            fetch(url, shard, tmp_path / "shard.tar", deadline=1.0, attempts=3)
+        assert remote.FETCH_RETRIES["count"] - before == 2 and time.monotonic() - started < 20
+        _views.clear()
+        command = [
+            "train",
+            f"data.dir={url}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "data.read_timeout_s=1",
+            *TINY_LRD,
+            "train.max_steps=2",
+        ]
+        assert main(command) == 75  # requeue: the data will be there again
+    finally:
+        server.shutdown()
         _views.clear()
 
 
