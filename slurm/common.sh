@@ -45,6 +45,10 @@ lrd_finish() {
         echo "$(date -Is) job $SLURM_JOB_ID: exit code $code after the run completed ($run_dir/results.json)"
         code=0
     fi
+    if [[ $code -eq 75 ]] && ! lrd_progressed "$run_dir"; then
+        echo "$(date -Is) job $SLURM_JOB_ID: no new checkpoint in ${LRD_MAX_IDLE_REQUEUES:-3} requeues in a row: not requeued again (see the log of each attempt)"
+        exit 1
+    fi
     if [[ $code -eq 75 ]]; then
         echo "$(date -Is) job $SLURM_JOB_ID stopped for a signal after a checkpoint: requeueing"
         scontrol requeue "$SLURM_JOB_ID"
@@ -52,6 +56,20 @@ lrd_finish() {
     fi
     echo "$(date -Is) job $SLURM_JOB_ID finished with exit code $code"
     exit "$code"
+}
+
+# Whether the run wrote a new complete checkpoint since the previous requeue; a job that requeues
+# LRD_MAX_IDLE_REQUEUES (3) times in a row without one (a server down for hours, a fault that comes
+# back on every start) stops instead of looping. The count lives in the run directory.
+lrd_progressed() {
+    local run_dir=$1 newest="" previous="" idle=0
+    newest=$(ls -d "$run_dir"/checkpoints/step-*/COMPLETE 2>/dev/null | sort | tail -n 1)
+    if [[ -f "$run_dir/.requeue-progress" ]]; then
+        read -r previous idle < "$run_dir/.requeue-progress"
+    fi
+    if [[ "$newest" == "${previous:-}" ]]; then idle=$((idle + 1)); else idle=0; fi
+    echo "${newest:-none} $idle" > "$run_dir/.requeue-progress"
+    [[ $idle -lt ${LRD_MAX_IDLE_REQUEUES:-3} ]]
 }
 
 lrd_python() {

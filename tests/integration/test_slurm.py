@@ -217,3 +217,34 @@ def test_a_rank_killed_after_the_checkpoint_still_requeues_the_job(
     finally:
         subprocess.run(["scancel", job], env=env)
         _wait(lambda: not _first_run_left(env, job), 180, "the job's steps to end")
+
+
+def test_requeues_without_a_new_checkpoint_are_capped(tmp_path: Path) -> None:
+    """The sbatch scripts' exit path: a job that keeps stopping for a requeue without writing a new
+    checkpoint stops after LRD_MAX_IDLE_REQUEUES attempts instead of looping forever."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    (stub / "scontrol").chmod(0o755)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000010" / "COMPLETE").write_text("{}")
+    env = {
+        "PATH": f"{stub}:/usr/bin:/bin",
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_ID": "7",
+        "LRD_MAX_IDLE_REQUEUES": "2",
+    }
+
+    def finish(code: int) -> subprocess.CompletedProcess:
+        script = f'source "{REPO / "slurm" / "common.sh"}"; lrd_finish {code} "{run}"'
+        return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=REPO)
+
+    assert finish(75).returncode == 0  # a first requeue
+    (run / "checkpoints" / "step-00000020").mkdir()
+    (run / "checkpoints" / "step-00000020" / "COMPLETE").write_text("{}")
+    assert finish(75).returncode == 0  # progress: requeued again
+    assert finish(75).returncode == 0  # no new checkpoint once
+    capped = finish(75)  # twice in a row
+    assert capped.returncode == 1 and "not requeued again" in capped.stdout
+    assert (tmp_path / "scontrol.log").read_text().count("requeue 7") == 3
