@@ -116,7 +116,12 @@ def build_model(
             model.num_heads,
             model.dropout,
         )
-        return Recommender(sasrec, loss=config.train.loss)
+        return Recommender(
+            sasrec,
+            item_text=item_text if model.item_representation != "id" else None,
+            loss=config.train.loss,
+            **_representation(config, item_text),
+        )
     backbone = RelationalRecommender(
         num_users=num_users,
         num_items=graph.num_items,
@@ -148,9 +153,25 @@ def build_model(
     return Recommender(
         backbone,
         lrd,
-        item_text if config.lrd.enabled else None,
+        item_text if config.lrd.enabled or model.item_representation != "id" else None,
         first_slot,
         config.train.loss,
         kg_weight=kg_weight,
         lrd_weight=config.lrd.weight if lrd is not None else 0.0,
+        **_representation(config, item_text),
     )
+
+
+def _representation(config: RunConfig, item_text: FrozenTextTable | LiveTextEncoder | None) -> dict:
+    """``model.item_representation`` as the Recommender takes it: whether items keep their ID
+    embedding, and the projection of their language vector into the model's space. With ID + text
+    the projection starts near zero (N(0, 0.01)), so the model starts as the ID model it extends."""
+    mode = config.model.item_representation
+    if mode == "id":
+        return {}
+    assert item_text is not None, "build_item_text builds the encoder of a text-reading model"
+    projection = torch.nn.Linear(item_text.dim, config.model.emb_size)
+    if mode == "id+text":
+        torch.nn.init.normal_(projection.weight, 0.0, 0.01)
+        torch.nn.init.zeros_(projection.bias)
+    return {"text_projection": projection, "id_vectors": mode == "id+text"}

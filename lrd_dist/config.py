@@ -71,6 +71,11 @@ class ModelConfig:
     num_heads: int = option(4, "attention heads (divides emb_size)")
     dropout: float = option(0.0, "dropout probability")
     latent_relations: int = option(0, "K latent relation slots added by LRD (0: the plain model)")
+    item_representation: Literal["id", "id+text", "text"] = option(
+        "id",
+        "what the recommender reads for an item: its ID embedding (official), ID + a learned projection "
+        "of its language vector, or the projected text alone (items without interactions get vectors)",
+    )
     t_scalar: float = option(60.0, "KDA: time unit of the gap normalisation, in seconds")
     n_dft: int = option(64, "KDA: Fourier resolution of the temporal kernel")
     fused_attention: bool = option(
@@ -374,8 +379,21 @@ def validate(config: RunConfig, where: str | Path) -> None:
             problems.append((f"{key} with llm.mode={config.llm.mode}", "use it with llm.mode=frozen"))
     if config.llm.tune_layers is not None and config.llm.mode == "frozen":
         problems.append(("llm.tune_layers with llm.mode=frozen", "set llm.mode=lora or full"))
-    if config.llm.mode != "frozen" and not config.lrd.enabled:
-        problems.append((f"llm.mode={config.llm.mode} without lrd.enabled", "set lrd.enabled=true"))
+    reads_text = config.model.item_representation != "id"
+    if config.llm.mode != "frozen" and not (config.lrd.enabled or reads_text):
+        problems.append(
+            (
+                f"llm.mode={config.llm.mode} with nothing that reads text",
+                "set lrd.enabled=true or model.item_representation=id+text|text",
+            )
+        )
+    if reads_text and config.lrd.decoder_text:
+        problems.append(
+            (
+                f"lrd.decoder_text with model.item_representation={config.model.item_representation}",
+                "set lrd.decoder_text=false: the LRD decoder reads the recommender's items, text included",
+            )
+        )
     if "{text}" not in config.llm.template:
         problems.append((f"llm.template={config.llm.template!r} has no {{text}}", "put {text} in it"))
     positive = {

@@ -44,8 +44,9 @@ def evaluate_weights(
     known = UserItems.from_dataset(run.data_dir) if config.eval.full_ranking else None
     scorer = CompiledScoring(run.model) if config.eval.compile else None
     results = {}
+    run.model.eval()
     for split in splits:
-        with scoring_context(scorer):
+        with scoring_context(scorer), run.model.text_read_once():
             results[split] = evaluate(
                 run.model,
                 run.loader(split),

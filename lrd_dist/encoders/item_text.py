@@ -213,9 +213,10 @@ def text_encoder_of(llm: LLMConfig) -> TextEncoderConfig:
 def build_item_text(
     config: RunConfig, catalog: Catalog, lockstep: bool = False
 ) -> FrozenTextTable | LiveTextEncoder | None:
-    """What ``Recommender`` reads item language from; None without LRD. ``lockstep``: the live
-    encoder runs under ZeRO-3 (see ``LiveTextEncoder``)."""
-    if not config.lrd.enabled:
+    """What ``Recommender`` reads item language from; None when nothing reads text (neither LRD
+    nor a text-reading item representation). ``lockstep``: the live encoder runs under ZeRO-3 (see
+    ``LiveTextEncoder``)."""
+    if not config.lrd.enabled and config.model.item_representation == "id":
         return None
     texts = catalog.texts.to_pylist()
     if config.llm.mode == "frozen":

@@ -9,6 +9,8 @@ holds no randomness of its own beyond dropout.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -28,6 +30,8 @@ class Recommender(nn.Module):
         loss: str = "bpr",
         kg_weight: float = 0.0,
         lrd_weight: float = 0.0,
+        text_projection: nn.Linear | None = None,
+        id_vectors: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -41,10 +45,37 @@ class Recommender(nn.Module):
         self.loss = loss
         self.kg_weight = kg_weight  # gamma of the KG term (0 without relation triples)
         self.lrd_weight = lrd_weight  # lambda of the LRD term
+        # model.item_representation: an item is its ID embedding (id_vectors), plus or instead
+        # (id_vectors=False) the projection of its language vector (text_projection)
+        self.text_projection = text_projection
+        self.id_vectors = id_vectors
 
     @property
     def relational(self) -> bool:
         return isinstance(self.backbone, RelationalRecommender)
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the recommender's item vectors read the items' text (not only the LRD loss)."""
+        return self.text_projection is not None
+
+    def text_read_once(self):
+        """A context in which a text-reading model's item text comes from one pass over the catalog
+        (full ranking, recommend, export), not a pass per batch; nothing to do otherwise."""
+        read_once = getattr(self.item_text, "read_catalog_once", None)  # a live encoder's
+        return read_once() if self.reads_text and callable(read_once) else contextlib.nullcontext()
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """[...] item ids -> [..., V]: what the recommender reads for an item, history or candidate:
+        ID embedding, ID embedding + projected language vector, or the projected language vector
+        alone (an item nobody has interacted with still has one)."""
+        vectors = self.backbone.id_table(items) if self.id_vectors else None
+        if self.text_projection is not None:
+            assert self.item_text is not None, "a text-reading model has an item text encoder"
+            text = self.text_projection(self.item_text(items))
+            vectors = text if vectors is None else vectors + text
+        assert vectors is not None
+        return vectors
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         return self.backbone(
@@ -54,6 +85,7 @@ class Recommender(nn.Module):
             history_length=batch["history_length"],
             target_time=batch["target_time"],
             candidates=candidates,
+            item_vectors=self.item_vectors if self.reads_text else None,
         )
 
     def item_scorer(self, batch: dict[str, torch.Tensor]):
@@ -61,8 +93,9 @@ class Recommender(nn.Module):
         encodes each history once for every call, and a chunk shared by all rows (an expanded
         [C] row) is one matrix product; RCF/KDA attend the history per candidate."""
         if isinstance(self.backbone, SASRec):
-            state = self.backbone.user_state(batch["history_items"], batch["history_length"])
-            table: nn.Embedding = self.backbone.item_embeddings
+            vectors = self.item_vectors if self.reads_text else None
+            state = self.backbone.user_state(batch["history_items"], batch["history_length"], vectors)
+            table = self.item_vectors
 
             def score_sasrec(items: torch.Tensor) -> torch.Tensor:
                 if items.stride(0) == 0:  # every row asks for the same chunk of the catalog
@@ -76,7 +109,11 @@ class Recommender(nn.Module):
         valid, target = batch["valid"], batch["target"]
         if self.loss == "full_softmax":
             assert isinstance(self.backbone, SASRec), "config validation: full_softmax is SASRec's"
-            logits = self.backbone.score_all_items(batch["history_items"], batch["history_length"])
+            logits = self.backbone.score_all_items(
+                batch["history_items"],
+                batch["history_length"],
+                self.item_vectors if self.reads_text else None,
+            )
             logits = logits.masked_fill(
                 torch.arange(logits.shape[1], device=logits.device) == 0, float("-inf")
             )
@@ -142,7 +179,8 @@ class Recommender(nn.Module):
             q = q_pairs.new_zeros((*history.shape, q_pairs.shape[-1]))
             q[rows, columns] = q_pairs
             items = (history, lrd_negatives, batch["target"])
-            decoded = [entities(i) for i in items]
+            # the decoder's items are the recommender's: ID embeddings, or ID + text when they read text
+            decoded = [self.item_vectors(i) if self.reads_text else entities(i) for i in items]
             if self.lrd.text_to_entity is not None:  # a frozen table: looking up negatives is free
                 assert self.item_text is not None
                 decoded = [

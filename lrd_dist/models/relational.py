@@ -13,6 +13,7 @@ Shapes: B batch, C candidates, H history, R relation slots, V embedding size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +129,12 @@ class RelationalRecommender(nn.Module):
         history_length: torch.Tensor,  # [B]
         target_time: torch.Tensor,  # [B]
         candidates: torch.Tensor,  # [B, C]
+        item_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,  # ids -> [..., V]
     ) -> torch.Tensor:  # [B, C]
-        history = self.entity_embeddings(history_items)  # [B, H, V]
+        """``item_vectors``: what an item id is to the model (default its ID embedding; a model whose
+        items read their text passes ID + projected text, see ``Recommender.item_vectors``)."""
+        vectors = item_vectors or self.entity_embeddings
+        history = vectors(history_items)  # [B, H, V]
         valid = torch.arange(history_items.shape[1], device=user.device)[None, :] < history_length[:, None]
         decay = None
         if self.kernel is not None:
@@ -140,8 +145,15 @@ class RelationalRecommender(nn.Module):
         # per user at once is memory-bound and about twice as slow on a CPU (512 measured 1.1-1.3x
         # faster than 1024 or 2048 with the fused attention kernel); results are identical.
         block = self.candidates_per_block(len(user))
-        chunks = candidates.split(block, dim=1)
-        return torch.cat([self.score_block(history, valid, decay, user_vector, c) for c in chunks], dim=1)
+        items = vectors(candidates)  # [B, C, V]
+        blocks = zip(candidates.split(block, dim=1), items.split(block, dim=1), strict=True)
+        return torch.cat(
+            [self.score_block(history, valid, decay, user_vector, c, v) for c, v in blocks], dim=1
+        )
+
+    def id_table(self, items: torch.Tensor) -> torch.Tensor:
+        """The ID embeddings of items (items are the first entities)."""
+        return self.entity_embeddings(items)
 
     @classmethod
     def candidates_per_block(cls, batch_size: int) -> int:
@@ -154,10 +166,10 @@ class RelationalRecommender(nn.Module):
         decay: torch.Tensor | None,  # [B, H, R]
         user_vector: torch.Tensor,  # [B, 1, V]
         candidates: torch.Tensor,  # [B, C]
+        items: torch.Tensor,  # [B, C, V] the candidates' item vectors
     ) -> torch.Tensor:  # [B, C]
         """One block of candidates; evaluation may run it through ``torch.compile`` (one graph per
         block: the history attention and the elementwise work between the interaction's GEMMs)."""
-        items = self.entity_embeddings(candidates)  # [B, C, V]
         values = self.entity_embeddings(self.value_entity[candidates])  # [B, C, R, V]
         keys = (self.relation_embeddings.weight + values) * items[:, :, None, :]  # [B, C, R, V]
         logits = torch.einsum("bhv,bcrv->bchr", history, keys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,21 +40,38 @@ class SASRec(nn.Module):
         history_items: torch.Tensor,
         history_length: torch.Tensor,
         candidates: torch.Tensor,
+        item_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,  # ids -> [..., V]
         **_: torch.Tensor,
     ) -> torch.Tensor:  # [B, C]
-        return (
-            self.user_state(history_items, history_length)[:, None, :] * self.item_embeddings(candidates)
-        ).sum(-1)
+        vectors = item_vectors or self.item_embeddings
+        state = self.user_state(history_items, history_length, item_vectors)
+        return (state[:, None, :] * vectors(candidates)).sum(-1)
 
-    def score_all_items(self, history_items: torch.Tensor, history_length: torch.Tensor) -> torch.Tensor:
+    def id_table(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_embeddings(items)
+
+    def score_all_items(
+        self,
+        history_items: torch.Tensor,
+        history_length: torch.Tensor,
+        item_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[B, num_items + 1] scores of every item id (column 0 is the padding id): one GEMM."""
-        return self.user_state(history_items, history_length) @ self.item_embeddings.weight.T
+        table = self.item_embeddings.weight
+        if item_vectors is not None:
+            table = item_vectors(torch.arange(len(table), device=table.device))
+        return self.user_state(history_items, history_length, item_vectors) @ table.T
 
-    def user_state(self, history_items: torch.Tensor, history_length: torch.Tensor) -> torch.Tensor:
+    def user_state(
+        self,
+        history_items: torch.Tensor,
+        history_length: torch.Tensor,
+        item_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[B, V]. Histories are right-padded: the state at position length-1 summarises the sequence."""
         steps = history_items.shape[1]
         positions = torch.arange(steps, device=history_items.device)
-        x = self.item_embeddings(history_items) + self.position_embeddings(positions)[None]
+        x = (item_vectors or self.item_embeddings)(history_items) + self.position_embeddings(positions)[None]
         causal = torch.triu(torch.ones(steps, steps, dtype=torch.bool, device=x.device), diagonal=1)
         padding = positions[None, :] >= history_length[:, None].clamp(min=1)
         hidden = self.norm(self.encoder(self.dropout(x), mask=causal, src_key_padding_mask=padding))

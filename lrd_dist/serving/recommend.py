@@ -184,7 +184,8 @@ def write_recommendations(
     source_ids = np.array(run.catalog.source_ids.to_pylist(), dtype=object)
     texts = np.array(run.catalog.texts.to_pylist(), dtype=object)
     model = run.model
-    with pq.ParquetWriter(path, SCHEMA) as writer:
+    # a tuned encoder's text vectors: the catalog encoded once for this call, not per batch
+    with pq.ParquetWriter(path, SCHEMA) as writer, model.text_read_once():
         for start in range(0, len(rows), request.batch_size):
             chosen = rows[start : start + request.batch_size]
             batch = histories.batch(chosen)

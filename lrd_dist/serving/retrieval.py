@@ -40,9 +40,15 @@ ITEMS, USERS, INDEX, INDEX_INFO = "items.safetensors", "users.safetensors", "ind
 EXACT_UP_TO = 200_000  # items searched exactly; an HNSW graph beyond
 
 
+@torch.inference_mode()
 def item_vectors(run: DatasetAndModel) -> torch.Tensor:
-    """[num_items, V]: SASRec's item embeddings (its scores are dot products with the user state);
-    for RCF/KDA the items' entity embeddings (their input to the relation-aware scoring)."""
+    """[num_items, V]: the vectors the model reads for its items: SASRec's (its scores are dot
+    products with the user state), RCF/KDA's input to the relation-aware scoring; with text in the
+    representation, ID + projected text (the catalog encoded once)."""
+    if run.model.reads_text:
+        with run.model.text_read_once():
+            ids = torch.arange(1, run.manifest.num_items + 1)
+            return run.model.item_vectors(ids).detach().float().contiguous()
     backbone = run.model.backbone
     table: torch.nn.Embedding = (
         backbone.entity_embeddings
@@ -59,12 +65,16 @@ def user_vectors(run: DatasetAndModel, histories: Histories, batch_size: int = 1
         raise InputError(
             run.data_dir, "an RCF/KDA model has no user vector for retrieval", "use a SASRec run to retrieve"
         )
-    backbone = run.model.backbone
+    backbone, model = run.model.backbone, run.model
     assert isinstance(backbone, SASRec)
-    parts = [
-        backbone.user_state(batch["history_items"], batch["history_length"])
-        for batch in (histories.batch(slice(s, s + batch_size)) for s in range(0, len(histories), batch_size))
-    ]
+    vectors = model.item_vectors if model.reads_text else None
+    with model.text_read_once():
+        parts = [
+            backbone.user_state(batch["history_items"], batch["history_length"], vectors)
+            for batch in (
+                histories.batch(slice(s, s + batch_size)) for s in range(0, len(histories), batch_size)
+            )
+        ]
     return torch.cat(parts).float().contiguous()
 
 

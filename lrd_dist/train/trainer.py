@@ -318,7 +318,11 @@ class Trainer:
         """HR/NDCG of the current weights on ``dev`` or ``test`` (collective)."""
         config = self.config
         stream = {"dev": self.dev_stream, "test": self.test_stream}[split]
-        with self.backend.full_parameters(self.core, skip=self.forward_only), scoring_context(self.scorer):
+        with (
+            self.backend.full_parameters(self.core, skip=self.forward_only),
+            scoring_context(self.scorer),
+            self.core.text_read_once(),
+        ):
             return evaluate(
                 self.core,
                 make_loader(stream),
