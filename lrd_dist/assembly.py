@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lrd_dist.config import RunConfig
-from lrd_dist.data.catalog import Catalog
+from lrd_dist.data.catalog import Catalog, read_cold_items
 from lrd_dist.data.format import CATALOG, DataIdentity, Manifest
 from lrd_dist.data.graph import KnowledgeGraph
 from lrd_dist.data.remote import local_view
@@ -40,6 +41,7 @@ class DatasetAndModel:
     catalog: Catalog
     graph: KnowledgeGraph
     model: Recommender
+    cold: np.ndarray  # items a cold-start split held out of training (empty for a plain split)
 
     @property
     def relational(self) -> bool:
@@ -79,12 +81,15 @@ def build_dataset_and_model(
     manifest = Manifest.load(data)
     catalog = Catalog.read(data / CATALOG)
     relational = config.model.name != "sasrec"
-    graph = KnowledgeGraph(catalog, latent=config.model.latent_relations if relational else 0)
+    cold = read_cold_items(data)
+    graph = KnowledgeGraph(catalog, latent=config.model.latent_relations if relational else 0, cold=cold)
     item_text = build_item_text(config, catalog, lockstep=lockstep)
     model = build_model(
         config, manifest.num_users, graph, item_text, attention, kg_weight(config, graph, manifest)
     )
-    return DatasetAndModel(config, data, manifest, DataIdentity.of(data, manifest), catalog, graph, model)
+    return DatasetAndModel(
+        config, data, manifest, DataIdentity.of(data, manifest), catalog, graph, model, cold
+    )
 
 
 def kg_weight(config: RunConfig, graph: KnowledgeGraph, manifest: Manifest) -> float:

@@ -56,5 +56,6 @@ def evaluate_weights(
                 run.manifest.num_items,
                 known=known,
                 split=split,
+                cold=run.cold,
             )
     return results

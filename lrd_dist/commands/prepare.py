@@ -74,6 +74,14 @@ def add_write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=1024, help="samples per tar record")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
+    parser.add_argument(
+        "--cold-items",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="a cold-start split: hold this fraction of the items out of training (seeded by --seed); "
+        "users whose dev or test target is one stay, so evaluation reports warm and cold targets apart",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -154,6 +162,7 @@ def write(args: argparse.Namespace, source: str, catalog, interactions, **extra)
         samples_per_shard=args.samples_per_shard,
         block_size=args.block_size,
         overwrite=args.overwrite,
+        cold_items=args.cold_items,
         **extra,
     )
     summary = {

@@ -85,3 +85,13 @@ def check_texts(texts: pa.Array, path: Path, first_line: int = 1) -> None:
             "give every item a non-empty text",
             line=int(bad[0]) + first_line,
         )
+
+
+def read_cold_items(directory: Path) -> np.ndarray:
+    """The ids of the items a cold-start split held out of training (empty for a plain split)."""
+    from lrd_dist.data.format import COLD_ITEMS
+
+    path = Path(directory) / COLD_ITEMS
+    if not path.is_file():
+        return np.zeros(0, dtype=np.int64)
+    return pq.read_table(path).column("item_id").to_numpy().astype(np.int64)

@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 CATALOG = "catalog.parquet"
 USERS = "users.parquet"
 PLANTED_PAIRS = "planted_pairs.parquet"
+COLD_ITEMS = "cold_items.parquet"  # a cold-start split: items held out of training (``--cold-items``)
 SPLITS = ("train", "dev", "test")
 
 # Columns of one block record, in the order the loader packs them. Per-sample scalars first, then

@@ -50,8 +50,10 @@ class KnowledgeGraph:
     the corrupted triple is true.
     """
 
-    def __init__(self, catalog: Catalog, latent: int = 0) -> None:
+    def __init__(self, catalog: Catalog, latent: int = 0, cold: np.ndarray | None = None) -> None:
+        """``cold``: items of a cold-start split, in no triple and never a corrupted one."""
         self.num_items = catalog.num_items
+        cold = np.zeros(0, np.int64) if cold is None else cold
         self.slots = RelationSlots(tuple(catalog.relations), tuple(catalog.attributes), latent)
         n = self.num_items
         heads, tails, relations = [], [], []
@@ -63,6 +65,11 @@ class KnowledgeGraph:
         self.item_heads = np.concatenate(heads) if heads else np.zeros(0, np.int64)
         self.item_tails = np.concatenate(tails) if tails else np.zeros(0, np.int64)
         self.item_relations = np.concatenate(relations) if relations else np.zeros(0, np.int64)
+        warm = ~np.isin(self.item_heads, cold) & ~np.isin(self.item_tails, cold)
+        self.item_heads, self.item_tails = self.item_heads[warm], self.item_tails[warm]
+        self.item_relations = self.item_relations[warm]
+        # corrupted triples draw from these (every item, or the warm ones of a cold-start split)
+        self.replacements = np.setdiff1d(np.arange(1, n + 1), cold) if len(cold) else None
         self._true_keys = np.unique(
             (self.item_relations * (n + 1) + self.item_heads) * (n + 1) + self.item_tails
         )
@@ -81,6 +88,8 @@ class KnowledgeGraph:
         self.num_entities = next_entity
         self.attr_items = np.concatenate(attr_items) if attr_items else np.zeros(0, np.int64)
         self.attr_slots = np.concatenate(attr_slots) if attr_slots else np.zeros(0, np.int64)
+        warm_attrs = ~np.isin(self.attr_items, cold)
+        self.attr_items, self.attr_slots = self.attr_items[warm_attrs], self.attr_slots[warm_attrs]
         # items grouped by value entity, to draw "another item with the same value"
         values = self.value_entity[self.attr_items, self.attr_slots]
         order = np.argsort(values, kind="stable")
@@ -119,7 +128,10 @@ class KnowledgeGraph:
         neg_head, neg_tail = head.copy(), tail.copy()
         todo = np.arange(count)
         for _ in range(10):  # rejection; the few still true after 10 draws are kept
-            replacement = rng.integers(1, self.num_items + 1, size=len(todo))
+            if self.replacements is None:
+                replacement = rng.integers(1, self.num_items + 1, size=len(todo))
+            else:
+                replacement = self.replacements[rng.integers(0, len(self.replacements), size=len(todo))]
             neg_head[todo] = np.where(corrupt_head[todo], replacement, head[todo])
             neg_tail[todo] = np.where(corrupt_head[todo], tail[todo], replacement)
             todo = todo[self._is_true(neg_head[todo], relation[todo], neg_tail[todo], value[todo])]

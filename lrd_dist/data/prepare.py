@@ -21,13 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lrd_dist.data.catalog import Catalog
-from lrd_dist.data.format import CATALOG, SPLITS, USERS, Manifest
+from lrd_dist.data.format import CATALOG, COLD_ITEMS, SPLITS, USERS, Manifest
 from lrd_dist.data.sequences import (
     DEV,
     SPLIT_NAMES,
     TEST,
     TRAIN,
     Interactions,
+    OrderedInteractions,
     iter_sample_chunks,
     order_and_split,
     sample_negatives,
@@ -85,6 +86,31 @@ def write_users(path: Path, interactions: Interactions) -> None:
     )
 
 
+def hold_out_cold_items(
+    ordered: OrderedInteractions, interactions: Interactions, num_items: int, fraction: float, seed: int
+) -> tuple[Interactions, np.ndarray]:
+    """(interactions without the training rows of a held-out ``fraction`` of the items, their ids).
+    The split of every kept row is the one it had (given, or leave-one-out by time)."""
+    if not 0.0 < fraction < 1.0:
+        raise InputError("--cold-items", f"{fraction}", "give a fraction of the items between 0 and 1")
+    rng = np.random.default_rng([seed, 0xC01D])
+    cold = np.sort(
+        rng.choice(np.arange(1, num_items + 1), size=max(1, round(fraction * num_items)), replace=False)
+    )
+    keep = ~np.isin(ordered.item, cold) | (ordered.split != TRAIN)
+    kept = Interactions(
+        user=ordered.user[keep],
+        item=ordered.item[keep],
+        time=ordered.time[keep],
+        split=ordered.split[keep],
+        negatives=interactions.negatives,
+        negative_row=None if ordered.negative_row is None else ordered.negative_row[keep],
+        extras={k: v[keep] for k, v in ordered.extras.items()},
+        user_source_ids=interactions.user_source_ids,
+    )
+    return kept, cold.astype(np.int64)
+
+
 def write_dataset(
     out: Path,
     *,
@@ -100,12 +126,18 @@ def write_dataset(
     extra_tables: dict[str, pa.Table] | None = None,
     stats: dict | None = None,
     progress: Callable[[str], None] = log.info,
+    cold_items: float = 0.0,
 ) -> Manifest:
     """Write catalog, shards and manifest for ``interactions`` into ``out``.
 
     Dev/test candidates are the source's own lists when it gives them, else ``num_negatives``
     items per row drawn without replacement outside the user's items (seeded). Training samples are
     shuffled within each conversion chunk so that shards do not hold one user after another.
+
+    ``cold_items``: the fraction of the catalog held out as cold items (seeded): every interaction
+    with one is dropped except where it is a user's dev or test target, so no cold item is a target,
+    a history item or (through the trainer) a negative or a KG triple in training, and evaluation can
+    tell warm targets from cold ones (``cold_items.parquet``).
     """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -115,10 +147,18 @@ def write_dataset(
         for name, table in (extra_tables or {}).items():
             pq.write_table(table, staging / name)
         ordered = order_and_split(interactions)
+        everything = ordered  # what each user did, cold items included: negatives avoid all of it
+        cold = np.zeros(0, dtype=np.int64)
+        if cold_items:
+            interactions, cold = hold_out_cold_items(
+                ordered, interactions, catalog.num_items, cold_items, seed
+            )
+            ordered = order_and_split(interactions)
+            pq.write_table(pa.table({"item_id": cold}), staging / COLD_ITEMS)
         clicked = None
         if not interactions.negatives:
-            clicked = user_item_keys(ordered.user, ordered.item, catalog.num_items)
-            most_clicked = int(np.bincount(ordered.user).max())
+            clicked = user_item_keys(everything.user, everything.item, catalog.num_items)
+            most_clicked = int(np.bincount(everything.user).max())
             if catalog.num_items - most_clicked < num_negatives:
                 raise InputError(
                     "interactions",
@@ -161,6 +201,15 @@ def write_dataset(
                 "split columns",
             )
         all_stats: dict[str, Any] = {
+            **(
+                {
+                    "cold_items": len(cold),
+                    "cold_dev_targets": int(np.isin(ordered.item[ordered.split == DEV], cold).sum()),
+                    "cold_test_targets": int(np.isin(ordered.item[ordered.split == TEST], cold).sum()),
+                }
+                if len(cold)
+                else {}
+            ),
             "dev_rows_with_repeated_negative": repeated[DEV],
             "test_rows_with_repeated_negative": repeated[TEST],
             "eval_rows_without_history": int(((ordered.split != TRAIN) & (ordered.position == 0)).sum()),

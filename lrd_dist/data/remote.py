@@ -38,6 +38,7 @@ SMALL_FILES = (
     "users.parquet",
     "item_embeddings.safetensors",
     "planted_pairs.parquet",
+    "cold_items.parquet",
 )
 REQUIRED = ("manifest.json", "catalog.parquet")
 _views: dict[str, Path] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from lrd_dist.data.user_items import UserItems
@@ -30,13 +31,24 @@ def evaluate(
     gather=None,
     known: UserItems | None = None,
     split: str = "test",
+    cold: np.ndarray | None = None,
 ) -> dict[str, float]:
     """HR/NDCG@k over the split; loader padding rows (``valid=False``) are not counted. Under
     several processes pass ``gather`` (accelerate's ``gather_object``): each rank scores its part
-    of the users and every rank gets the metrics of all of them."""
+    of the users and every rank gets the metrics of all of them.
+
+    ``cold``: the held-out items of a cold-start split. The metrics are then also reported apart
+    for warm and cold targets (``warm/...``, ``cold/...``), with the chance level of the cold
+    figures beside them (``cold/chance/NDCG@k``: a uniformly random ranking of the candidates)."""
     was_training = model.training
     model.eval()
     metrics = RankingMetrics(ks=tuple(ks))
+    groups = {"warm": RankingMetrics(ks=tuple(ks)), "cold": RankingMetrics(ks=tuple(ks))}
+    is_cold = torch.zeros(max(num_items, 1) + 1, dtype=torch.bool)
+    chance_candidates: list[torch.Tensor] = []
+    if cold is not None and len(cold):
+        is_cold = torch.zeros(int(max(num_items, cold.max())) + 1, dtype=torch.bool)
+        is_cold[torch.from_numpy(cold)] = True
     device = next(model.parameters()).device
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -47,10 +59,40 @@ def evaluate(
             scores = model.score(batch, candidates)
             rank, tied = ground_truth_rank(scores[:, 0], scores[:, 1:], ties)
         metrics.update(rank, tied, batch["valid"])
+        if cold is not None and len(cold):
+            target_cold = is_cold[batch["target"].cpu()].to(rank.device)
+            valid = batch["valid"]
+            groups["warm"].update(rank, tied, valid & ~target_cold)
+            groups["cold"].update(rank, tied, valid & target_cold)
+            count = num_items if full_ranking else 1 + int(batch["negatives"].shape[1])
+            chance_candidates.append(torch.full((int((valid & target_cold).sum()),), count))
     model.train(was_training)
     if gather is not None:
         metrics = metrics.gathered(gather)
-    return metrics.compute()
+        groups = {name: group.gathered(gather) for name, group in groups.items()}
+        chance_candidates = [torch.cat(p) for p in gather([chance_candidates]) if p]
+    results = metrics.compute()
+    if cold is not None and len(cold):
+        for name, group in groups.items():
+            results.update({f"{name}/{key}": value for key, value in group.compute().items()})
+        results.update(chance_level(torch.cat(chance_candidates) if chance_candidates else None, ks))
+    return results
+
+
+def chance_level(candidates: torch.Tensor | None, ks: list[int]) -> dict[str, float]:
+    """Expected HR@k and NDCG@k of a uniformly random ranking of each row's candidates (the ground
+    truth among them): what a model that knows nothing of the cold targets would score."""
+    if candidates is None or not len(candidates):
+        return {}
+    out = {}
+    count = candidates.double()
+    for k in ks:
+        ranks = torch.arange(1, k + 1, dtype=torch.float64)
+        discount = (1.0 / torch.log2(ranks + 1.0)).cumsum(0)  # sum over ranks 1..r
+        reach = torch.clamp(count, max=k).long()
+        out[f"cold/chance/HR@{k}"] = (reach.double() / count).mean().item()
+        out[f"cold/chance/NDCG@{k}"] = (discount[reach - 1] / count).mean().item()
+    return out
 
 
 def full_ranking_rank(

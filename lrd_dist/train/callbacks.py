@@ -85,6 +85,35 @@ class RelationAgreement:
             results["relation_discovery"] = relation_agreement(trainer.core, loader)
 
 
+class KeepColdRows:
+    """A cold-start split's held-out items keep the ID rows they were initialised with (item
+    embedding and bias): no gradient reaches them, but weight decay would still move them each step,
+    and a cold item's score must owe nothing to training. Restored after every optimizer step."""
+
+    def __init__(self, model, cold, deepspeed: bool) -> None:
+        import torch
+
+        self.rows = torch.from_numpy(cold)
+        self.tables: list = []
+        if deepspeed:  # parameters are partitioned and updated from fp32 master copies there
+            log.warning(
+                "a cold-start split under DeepSpeed: cold ID rows are not held at their initial values"
+            )
+            return
+        backbone = model.backbone
+        names = ("entity_embeddings", "item_bias") if model.relational else ("item_embeddings",)
+        for name in names:
+            weight = getattr(backbone, name).weight
+            self.tables.append((weight, weight.detach()[self.rows].clone()))
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        import torch
+
+        with torch.no_grad():
+            for weight, initial in self.tables:
+                weight[self.rows] = initial
+
+
 def load_callbacks(paths: list[str]) -> list[object]:
     loaded = []
     for path in paths:

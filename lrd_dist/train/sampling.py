@@ -20,8 +20,11 @@ class TrainingSampler:
         use_kg: bool,
         rank: int,
         known: UserItems | None = None,
+        cold: np.ndarray | None = None,
     ) -> None:
         self.config = config
+        # a cold-start split: negatives are drawn from the warm items only
+        self.pool = torch.from_numpy(graph.replacements) if cold is not None and len(cold) else None
         self.graph = graph
         self.use_kg = use_kg
         self.known = known  # train.negative_rule=official: reject every item of the user
@@ -42,11 +45,15 @@ class TrainingSampler:
         rows = len(batch["user"])
         count = self.config.train.num_negatives
         shape: tuple[int, ...] = (rows,) if count == 1 and self.config.train.loss == "bpr" else (rows, count)
-        negatives = draw_uniform_negatives(batch, shape, num_items, self.generator, known=self.known)
+        negatives = draw_uniform_negatives(
+            batch, shape, num_items, self.generator, known=self.known, pool=self.pool
+        )
         lrd_negatives = lrd_pairs = None
         if self.config.lrd.enabled:
             shape = tuple(batch["history_items"].shape)
-            lrd_negatives = draw_uniform_negatives(batch, shape, num_items, self.generator, known=self.known)
+            lrd_negatives = draw_uniform_negatives(
+                batch, shape, num_items, self.generator, known=self.known, pool=self.pool
+            )
             if self.config.llm.max_pairs_per_step is not None:
                 lrd_pairs = draw_pairs(batch, self.config.llm.max_pairs_per_step, self.generator)
         kg = self.graph.sample(rows, self.rng, self.config.kg.neg_head_p) if self.use_kg else None
@@ -60,6 +67,7 @@ def draw_uniform_negatives(
     generator: torch.Generator,
     rounds: int = 5,
     known: UserItems | None = None,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Uniform items 1..num_items, redrawn while equal to the row's target or in its history window.
 
@@ -68,7 +76,13 @@ def draw_uniform_negatives(
     (the official rule) every item the user ever interacted with is rejected as well.
     """
     rows = batch["target"].shape[0]
-    draws = torch.randint(1, num_items + 1, (rows, *shape[1:]), generator=generator)
+
+    def draw(*size: int) -> torch.Tensor:  # uniform over 1..num_items, or over ``pool``
+        if pool is None:
+            return torch.randint(1, num_items + 1, size, generator=generator)
+        return pool[torch.randint(0, len(pool), size, generator=generator)]
+
+    draws = draw(rows, *shape[1:])
     seen = torch.cat([batch["target"][:, None], batch["history_items"]], dim=1)  # [B, 1 + H]
     for _ in range(rounds):
         flat = draws.view(rows, -1)
@@ -77,7 +91,7 @@ def draw_uniform_negatives(
             clash |= known.interacted(batch["user"], draws)
         if not clash.any():
             break
-        draws[clash] = torch.randint(1, num_items + 1, (int(clash.sum()),), generator=generator)
+        draws[clash] = draw(int(clash.sum()))
     return draws
 
 

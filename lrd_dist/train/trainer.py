@@ -122,8 +122,10 @@ class Trainer:
         official = config.train.negative_rule == "official"
         self.known = UserItems.from_dataset(built.data_dir) if config.eval.full_ranking or official else None
         self.sampler = TrainingSampler(
-            config, built.graph, built.kg_weight > 0, rank, self.known if official else None
+            config, built.graph, built.kg_weight > 0, rank, self.known if official else None, built.cold
         )
+        if len(built.cold):
+            self.callbacks.append(hooks.KeepColdRows(self.core, built.cold, backend.deepspeed))
         with backend.full_parameters(self.core, trainable_only=True):
             self.parameters = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
         log.info(
@@ -333,6 +335,7 @@ class Trainer:
                 gather=gather_object if self.accelerator.num_processes > 1 else None,
                 known=self.known,
                 split=split,
+                cold=self.built.cold,
             )
 
     def end_epoch(self) -> None:
