@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "`lrd-dist export --embeddings` directory, reranked by the model",
     )
     parser.add_argument("--candidates", type=int, default=200, help="with --retrieve: candidates per user")
+    parser.add_argument(
+        "--new-items",
+        type=Path,
+        help='JSON lines {"id", "text", "attributes"?} of items the run never saw, ranked with the rest '
+        "(a run with model.item_representation id+text or text; the run directory is not changed)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="users scored together")
     parser.add_argument("--item-chunk", type=int, default=2048, help="catalog items scored per call")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.dir=...")

@@ -78,10 +78,13 @@ class KnowledgeGraph:
         self.value_entity = np.zeros((n + 1, self.slots.total), dtype=np.int64)
         next_entity = n + 1
         attr_items, attr_slots = [], []
-        for index, values in enumerate(catalog.attributes.values()):
+        # per attribute: its slot, the entity of its value code 1, and how many codes it has
+        self.attribute_values: dict[str, tuple[int, int, int]] = {}
+        for index, (name, values) in enumerate(catalog.attributes.items()):
             slot = 1 + len(catalog.relations) + index
             present = values > 0
             self.value_entity[1:, slot] = np.where(present, next_entity + values - 1, 0)
+            self.attribute_values[name] = (slot, next_entity, int(values.max(initial=0)))
             next_entity += int(values.max(initial=0))
             attr_items.append(np.flatnonzero(present) + 1)
             attr_slots.append(np.full(present.sum(), slot))
@@ -95,6 +98,16 @@ class KnowledgeGraph:
         order = np.argsort(values, kind="stable")
         self._items_by_value = self.attr_items[order]
         self._value_sorted = values[order]
+
+    def value_entities(self, attributes: dict[str, int]) -> np.ndarray:
+        """[slots] the value entity of each attribute slot for an item with these value codes (the
+        catalog's codes; a code the catalog does not have, or no code, gives 0: no value)."""
+        row = np.zeros(self.slots.total, dtype=np.int64)
+        for name, code in attributes.items():
+            slot, first, count = self.attribute_values[name]
+            if 1 <= code <= count:
+                row[slot] = first + code - 1
+        return row
 
     @property
     def num_triples(self) -> int:

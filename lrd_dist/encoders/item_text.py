@@ -28,7 +28,7 @@ from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.remote import local_view
 from lrd_dist.encoders.embed_catalog import TABLE_NAME
 from lrd_dist.encoders.lora import apply_lora, lora_targets
-from lrd_dist.encoders.text import load_encoder, load_table, pool, tokenize
+from lrd_dist.encoders.text import encode_texts, load_encoder, load_table, pool, tokenize
 from lrd_dist.encoders.trunk import TrunkCache, architecture_of, build_or_open, default_cache_dir, layer_view
 from lrd_dist.errors import InputError
 
@@ -39,10 +39,19 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class FrozenTextTable(nn.Module):
     table: torch.Tensor  # a buffer: [num_items + 1, dim]
 
-    def __init__(self, table: torch.Tensor) -> None:
+    def __init__(self, table: torch.Tensor, encoder: TextEncoderConfig | None = None) -> None:
         super().__init__()
         # Rebuilt from the embedding file, so not part of the state dict.
         self.register_buffer("table", table, persistent=False)
+        self.encoder = encoder  # how the table was encoded (its metadata): to encode more items
+
+    def extend(self, texts: list[str]) -> None:
+        """Rows for items beyond the catalog, encoded as the table was (``recommend --new-items``)."""
+        if self.encoder is None:
+            raise InputError("item text table", "it does not say how it was encoded", "re-run lrd-dist embed")
+        tokenizer, model = load_encoder(self.encoder)
+        vectors = torch.from_numpy(encode_texts(texts, tokenizer, model, self.encoder))
+        self.table = torch.cat([self.table, vectors.to(self.table)])
 
     @property
     def dim(self) -> int:
@@ -87,9 +96,34 @@ class LiveTextEncoder(nn.Module):
         self.__dict__["top"] = None
         self.table: torch.Tensor | None = None  # set while read_catalog_once() is active
 
-    def attach_trunk(self, trunk: TrunkCache, top: nn.Module) -> None:
+    def attach_trunk(self, trunk: TrunkCache, top: nn.Module, bottom: nn.Module) -> None:
         self.trunk = trunk
         self.__dict__["top"] = top
+        self.__dict__["bottom"] = bottom  # for items added later
+
+    @torch.no_grad()
+    def extend(self, texts: list[str]) -> None:
+        """Items beyond the catalog (``recommend --new-items``): tokenized as the catalog was, and
+        with a cached trunk their token states at the cut computed now (in memory)."""
+        ids = tokenize(texts, self.tokenizer, self.embed_config)
+        width = max(self.token_ids.shape[1], max(len(x) for x in ids))
+        rows = torch.full((len(ids), width), int(self.tokenizer.pad_token_id), dtype=self.token_ids.dtype)
+        for row, sequence in enumerate(ids):
+            rows[row, : len(sequence)] = torch.tensor(sequence, dtype=rows.dtype)
+        padded = torch.nn.functional.pad(
+            self.token_ids, (0, width - self.token_ids.shape[1]), value=int(self.tokenizer.pad_token_id)
+        )
+        self.token_ids = torch.cat([padded, rows.to(padded)])
+        self.lengths = torch.cat([self.lengths, torch.tensor([len(x) for x in ids]).to(self.lengths)])
+        if self.trunk is not None:
+            bottom, states = self.__dict__["bottom"], []
+            for sequence in ids:
+                hidden = bottom(
+                    input_ids=torch.tensor([sequence]),
+                    attention_mask=torch.ones(1, len(sequence), dtype=torch.long),
+                )
+                states.append(hidden.last_hidden_state[0])
+            self.trunk.extend(states)
 
     @classmethod
     def from_texts(
@@ -221,11 +255,11 @@ def build_item_text(
     texts = catalog.texts.to_pylist()
     if config.llm.mode == "frozen":
         path = config.llm.table or local_view(config.data.dir) / TABLE_NAME
-        table, _ = load_table(path, texts)
+        table, metadata = load_table(path, texts)
         if config.llm.shuffle_table:  # ablation: each item gets another item's text vector
             order = torch.randperm(len(table) - 1, generator=torch.Generator().manual_seed(config.train.seed))
             table[1:] = table[1:][order]
-        return FrozenTextTable(table)
+        return FrozenTextTable(table, _encoder_of(metadata))
     embed = text_encoder_of(config.llm)
     tokenizer, model = load_encoder(embed)
     trunk, top_layers, pattern = None, None, None
@@ -263,10 +297,30 @@ def build_item_text(
     )
     if trunk is not None and top_layers is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        encoder.attach_trunk(trunk, layer_view(base, slice(top_layers[0], None), top=True))
+        cut = top_layers[0]
+        encoder.attach_trunk(
+            trunk, layer_view(base, slice(cut, None), top=True), layer_view(base, slice(0, cut), top=False)
+        )
     if config.llm.mode == "full":  # with a trunk: everything below the cut is unreached, so frozen
         _freeze_unreached(encoder)
     return encoder
+
+
+def _encoder_of(metadata: dict[str, str]) -> TextEncoderConfig | None:
+    """The encoder settings a table's metadata records (``save_table``), or None if it lacks them."""
+    try:
+        return TextEncoderConfig(
+            model=metadata["model"],
+            gguf_file=metadata.get("gguf_file")
+            if metadata.get("gguf_file") not in (None, "None", "")
+            else None,
+            pooling=metadata["pooling"],  # type: ignore[arg-type]
+            normalize=metadata["normalize"] == "True",
+            template=metadata["template"],
+            max_length=int(metadata["max_length"]),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def _build_trunk(config: RunConfig, model: nn.Module, tokenizer, texts: list[str]) -> TrunkCache:

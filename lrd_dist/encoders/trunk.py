@@ -149,20 +149,36 @@ class TrunkCache:
         self.states = np.memmap(
             directory / STATES, dtype=storage, mode="r", shape=(int(self.offsets[-1]), self.hidden)
         )
+        self.rows = len(self.offsets) - 1  # items 0..N in the file; ids beyond are ``extend``ed
+        self.extension: list[np.ndarray] = []
 
     def gather(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] item ids -> (states [B, T, H] float32, attention mask [B, T]), right-padded to the
         longest of them."""
         ids = items.cpu().numpy()
-        starts, stops = self.offsets[ids], self.offsets[ids + 1]
-        lengths = stops - starts
+        rows = [
+            self.states[self.offsets[i] : self.offsets[i + 1]]
+            if i < self.rows
+            else self.extension[i - self.rows]
+            for i in ids.tolist()
+        ]
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
         width = int(lengths.max()) if len(ids) else 1
         buffer = np.zeros((len(ids), width, self.hidden), dtype=self.states.dtype)
-        for row, (start, stop) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True)):
-            buffer[row, : stop - start] = self.states[start:stop]
+        for row, states in enumerate(rows):
+            buffer[row, : len(states)] = states
         states = torch.from_numpy(buffer).view(self.torch_dtype).float()
         mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
         return states, mask
+
+    def extend(self, states: list[torch.Tensor]) -> None:
+        """Items beyond the file (``recommend --new-items``), ids rows.., in memory: their token
+        states at the cut, stored as the file stores them."""
+        storage = self.states.dtype
+        for item in states:
+            self.extension.append(
+                item.to(self.torch_dtype).contiguous().view(torch.uint8).numpy().view(storage)
+            )
 
     def state_dict(self) -> dict:
         """What a checkpoint records of the cache it trained on (``Stateful``)."""

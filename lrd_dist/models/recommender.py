@@ -49,6 +49,8 @@ class Recommender(nn.Module):
         # (id_vectors=False) the projection of its language vector (text_projection)
         self.text_projection = text_projection
         self.id_vectors = id_vectors
+        # items with an ID row; ids beyond (``recommend --new-items``) read the padding row: zeros
+        self.id_items: int | None = None
 
     @property
     def relational(self) -> bool:
@@ -69,7 +71,8 @@ class Recommender(nn.Module):
         """[...] item ids -> [..., V]: what the recommender reads for an item, history or candidate:
         ID embedding, ID embedding + projected language vector, or the projected language vector
         alone (an item nobody has interacted with still has one)."""
-        vectors = self.backbone.id_table(items) if self.id_vectors else None
+        ids = items if self.id_items is None else torch.where(items > self.id_items, 0, items)
+        vectors = self.backbone.id_table(ids) if self.id_vectors else None
         if self.text_projection is not None:
             assert self.item_text is not None, "a text-reading model has an item text encoder"
             text = self.text_projection(self.item_text(items))

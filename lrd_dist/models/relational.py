@@ -155,6 +155,18 @@ class RelationalRecommender(nn.Module):
         """The ID embeddings of items (items are the first entities)."""
         return self.entity_embeddings(items)
 
+    def add_items(self, value_entities: torch.Tensor) -> None:
+        """Items beyond the trained catalog (``recommend --new-items``), ids num_items+1..: their
+        attribute value entities ([M, R]) and a zero bias, like a cold item's. Their ID vector is
+        the caller's (``Recommender.item_vectors`` gives them none)."""
+        self.value_entity = torch.cat([self.value_entity, value_entities.to(self.value_entity)])
+        old = self.item_bias
+        bias = nn.Embedding(old.num_embeddings + len(value_entities), 1)
+        with torch.no_grad():
+            bias.weight.zero_()
+            bias.weight[: old.num_embeddings] = old.weight
+        self.item_bias = bias
+
     @classmethod
     def candidates_per_block(cls, batch_size: int) -> int:
         return max(1, cls.BLOCK_ROWS // batch_size)

@@ -52,6 +52,7 @@ class RecommendRequest:
     candidates: int = 200
     batch_size: int = 64
     item_chunk: int = 2048
+    new_items: Path | None = None  # JSON lines of items to add to the catalog (a text-reading run)
 
 
 def recommend(request: RecommendRequest) -> None:
@@ -69,7 +70,18 @@ def recommend(request: RecommendRequest) -> None:
     model_run = load_trained(
         request.run, request.weights, request.config, request.overrides, select_attention(True)
     )
-    num_items = model_run.manifest.num_items
+    if request.new_items is not None:
+        if request.retrieve:
+            raise InputError(
+                "--new-items",
+                "with --retrieve: a retriever proposes items of the trained catalog only",
+                "rank new items over the whole catalog (leave --retrieve out)",
+            )
+        from lrd_dist.serving.new_items import add_new_items, read_new_items
+
+        added = add_new_items(model_run, read_new_items(request.new_items, model_run.catalog))
+        log.info("%d new items added to the %d of the catalog", added - model_run.manifest.num_items, added)
+    num_items = model_run.catalog.num_items
     if request.k > num_items:
         raise InputError(
             "--k",
@@ -194,7 +206,7 @@ def write_recommendations(
             items, scores = top_k(
                 model.item_scorer(batch),
                 len(chosen),
-                run.manifest.num_items,
+                run.catalog.num_items,
                 request.k,
                 excluded,
                 request.item_chunk,

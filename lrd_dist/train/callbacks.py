@@ -86,9 +86,10 @@ class RelationAgreement:
 
 
 class KeepColdRows:
-    """A cold-start split's held-out items keep the ID rows they were initialised with (item
-    embedding and bias): no gradient reaches them, but weight decay would still move them each step,
-    and a cold item's score must owe nothing to training. Restored after every optimizer step."""
+    """A cold-start split's held-out items read a zero ID row (item embedding and bias), as an item
+    added after training does (``recommend --new-items``): no gradient reaches them, but weight
+    decay would still move them, and a cold item's score must owe nothing to training. Zeroed at
+    the start and restored after every optimizer step."""
 
     def __init__(self, model, cold, deepspeed: bool) -> None:
         import torch
@@ -104,6 +105,8 @@ class KeepColdRows:
         names = ("entity_embeddings", "item_bias") if model.relational else ("item_embeddings",)
         for name in names:
             weight = getattr(backbone, name).weight
+            with torch.no_grad():
+                weight[self.rows] = 0.0
             self.tables.append((weight, weight.detach()[self.rows].clone()))
 
     def on_step_end(self, trainer: Trainer) -> None:
