@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="a checkpoints/step-* directory")
     parser.add_argument("--out", type=Path, help="with --checkpoint: FILE.safetensors")
     parser.add_argument(
-        "--embeddings", type=Path, help="write vectors (and for SASRec a FAISS index) into DIR"
+        "--embeddings",
+        type=Path,
+        help="write the trained catalog's item vectors (and for SASRec a FAISS index) into DIR; "
+        "items added with recommend --new-items are not part of it",
     )
     parser.add_argument("--run", type=Path, help="with --embeddings: a run directory")
     parser.add_argument("--weights", type=Path, help="with --embeddings: a weight file instead of --run")
