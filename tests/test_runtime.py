@@ -25,7 +25,7 @@ def test_compiled_scoring_scores_like_eager_and_training_stays_eager(temporal, f
     scorer = CompiledScoring(Recommender(model))
     calls = []
     compiled = scorer.compiled
-    scorer.compiled = lambda *a: calls.append(a[-1].shape) or compiled(*a)
+    scorer.compiled = lambda *a: calls.append(a[-2].shape) or compiled(*a)  # (candidates, items)
     with torch.inference_mode(), scorer.active():
         torch.testing.assert_close(model(**arguments, candidates=candidates), eager, rtol=1e-5, atol=1e-5)
         fewer = model(**arguments, candidates=candidates[:, :2])  # another shape
