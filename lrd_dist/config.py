@@ -184,6 +184,11 @@ class TrainConfig:
         "target and its num_negatives negatives | softmax over every item (SASRec only)",
     )
     num_negatives: int = option(1, "sampled negatives per training row (bpr averages over them)")
+    catalog_refresh_steps: int = option(
+        50,
+        "loss=full_softmax over items that read a tuned encoder: optimizer steps between refreshes of "
+        "the catalog's text vectors, read without gradient in between (staleness at most this)",
+    )
     negative_rule: Literal["history", "official"] = option(
         "history",
         "training negatives avoid the target and history window; official: every item of the user, "
@@ -406,6 +411,7 @@ def validate(config: RunConfig, where: str | Path) -> None:
         "checkpoint.every_steps": config.checkpoint.every_steps or 1,
         "train.max_steps": config.train.max_steps or 1,
         "train.num_negatives": config.train.num_negatives,
+        "train.catalog_refresh_steps": config.train.catalog_refresh_steps,
     }
     problems += [(f"{key}={value}", "use 1 or more") for key, value in positive.items() if value < 1]
     if config.train.loss == "full_softmax" and config.model.name != "sasrec":

@@ -51,6 +51,10 @@ class Recommender(nn.Module):
         self.id_vectors = id_vectors
         # items with an ID row; ids beyond (``recommend --new-items``) read the padding row: zeros
         self.id_items: int | None = None
+        # full_softmax with a tuned encoder: every item's language vector, refreshed every
+        # train.catalog_refresh_steps without gradient (the trainer sets it), instead of encoding the
+        # whole catalog in every step
+        self.catalog_text: torch.Tensor | None = None
 
     @property
     def relational(self) -> bool:
@@ -112,10 +116,17 @@ class Recommender(nn.Module):
         valid, target = batch["valid"], batch["target"]
         if self.loss == "full_softmax":
             assert isinstance(self.backbone, SASRec), "config validation: full_softmax is SASRec's"
+            table = None
+            if self.reads_text and self.catalog_text is not None and self.text_projection is not None:
+                every = torch.arange(len(self.catalog_text), device=self.catalog_text.device)
+                table = self.text_projection(self.catalog_text)
+                if self.id_vectors:
+                    table = table + self.backbone.id_table(every)
             logits = self.backbone.score_all_items(
                 batch["history_items"],
                 batch["history_length"],
                 self.item_vectors if self.reads_text else None,
+                table,
             )
             logits = logits.masked_fill(
                 torch.arange(logits.shape[1], device=logits.device) == 0, float("-inf")

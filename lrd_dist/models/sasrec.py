@@ -55,11 +55,14 @@ class SASRec(nn.Module):
         history_items: torch.Tensor,
         history_length: torch.Tensor,
         item_vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        table: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, num_items + 1] scores of every item id (column 0 is the padding id): one GEMM."""
-        table = self.item_embeddings.weight
-        if item_vectors is not None:
-            table = item_vectors(torch.arange(len(table), device=table.device))
+        """[B, num_items + 1] scores of every item id (column 0 is the padding id): one GEMM.
+        ``table``: the items' vectors when the caller has them (a refreshed text table)."""
+        if table is None:
+            table = self.item_embeddings.weight
+            if item_vectors is not None:
+                table = item_vectors(torch.arange(len(table), device=table.device))
         return self.user_state(history_items, history_length, item_vectors) @ table.T
 
     def user_state(

@@ -117,6 +117,33 @@ class KeepColdRows:
                 weight[self.rows] = initial
 
 
+class RefreshCatalogText:
+    """A softmax over every item with a tuned text encoder: the catalog's language vectors are
+    computed once every ``every`` optimizer steps (no gradient into them) and read as a table in
+    between, so a step costs its batch, not the catalog. The history items still read the encoder
+    live, so it trains. Each refresh is a ``metrics.jsonl`` line (``catalog_text_refreshed``); the
+    table is at most ``every`` steps stale. A resumed run refreshes at once, so until its next
+    refresh its table is fresher than the uninterrupted run's was."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def refresh(self, trainer: Trainer) -> None:
+        core, state = trainer.core, trainer.state
+        core.catalog_text = core.item_text.catalog_vectors().detach()
+        trainer.metrics.record(
+            {"step": state.step, "epoch": state.epoch, "catalog_text_refreshed": state.step}
+        )
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        if trainer.core.catalog_text is None:
+            self.refresh(trainer)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step % self.every == 0:
+            self.refresh(trainer)
+
+
 def load_callbacks(paths: list[str]) -> list[object]:
     loaded = []
     for path in paths:

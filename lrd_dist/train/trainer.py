@@ -126,6 +126,8 @@ class Trainer:
         )
         if len(built.cold):
             self.callbacks.append(hooks.KeepColdRows(self.core, built.cold, backend.deepspeed))
+        if config.train.loss == "full_softmax" and self.core.reads_text and self.live_encoder:
+            self.callbacks.append(hooks.RefreshCatalogText(config.train.catalog_refresh_steps))
         with backend.full_parameters(self.core, trainable_only=True):
             self.parameters = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
         log.info(

@@ -100,3 +100,31 @@ def test_with_a_tuned_encoder_the_recommendation_loss_trains_it(
     )
     results = train(load_config(None, overrides))
     assert results["encoder"]["per_rank"][0]["lora_B_norm"] > 1e-4  # zero at initialisation
+
+
+def test_a_softmax_over_every_item_reads_a_refreshed_table_of_a_tuned_encoder(
+    synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    """Every item's text through a tuned encoder in every step would cost the catalog per step: the
+    table is refreshed every train.catalog_refresh_steps (logged), the histories read the encoder live."""
+    import json
+
+    overrides = small_run(
+        synth_with_embeddings,
+        tmp_path,
+        "model.name=sasrec",
+        "lrd.enabled=false",
+        "train.loss=full_softmax",
+        "model.item_representation=id+text",
+        "llm.mode=lora",
+        "llm.tune_layers=1",
+        f"llm.cache_dir={tmp_path / 'cache'}",
+        "llm.lr=0.01",
+        "train.catalog_refresh_steps=2",
+        "train.max_steps=5",
+        "train.epochs=1",
+    )
+    results = train(load_config(None, overrides))
+    assert results["encoder"]["per_rank"][0]["lora_B_norm"] > 1e-4
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["catalog_text_refreshed"] for e in lines if "catalog_text_refreshed" in e] == [0, 2, 4]
