@@ -18,6 +18,7 @@ from lrd_dist.run_dir import CONFIG_KEY
 from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.trainer import train
 from tests.conftest import TINY_LRD
+from tests.helpers import relist
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,6 @@ def test_every_command_reads_a_stored_config_as_data(
 def test_a_checkpoint_and_an_adapter_config_are_data_too(
     trained: Path, synth_with_embeddings: Path, tmp_path: Path
 ) -> None:
-    from lrd_dist.data.format import sha256_of
 
     marker, data = tmp_path / "pwned", synth_with_embeddings
     checkpoint = tmp_path / "checkpoint"
@@ -99,12 +99,7 @@ def test_a_checkpoint_and_an_adapter_config_are_data_too(
     trainer = json.loads((checkpoint / "trainer.json").read_text())
     trainer["config"] = _hostile(trainer["config"], marker, data)
     (checkpoint / "trainer.json").write_text(json.dumps(trainer))
-    listed = json.loads((checkpoint / "COMPLETE").read_text())
-    listed["files"]["trainer.json"] = {
-        "bytes": (checkpoint / "trainer.json").stat().st_size,
-        "sha256": sha256_of(checkpoint / "trainer.json"),
-    }
-    (checkpoint / "COMPLETE").write_text(json.dumps(listed))
+    relist(checkpoint, "trainer.json")
     resume = [
         "train",
         f"data.dir={data}",

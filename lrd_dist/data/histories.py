@@ -14,7 +14,6 @@ with the line and the ids.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from lrd_dist.data.catalog import Catalog
 from lrd_dist.data.format import SPLITS, USERS, Manifest
+from lrd_dist.data.json_lines import json_records
 from lrd_dist.data.stream import LoaderConfig, SequenceStream, make_loader
 from lrd_dist.errors import InputError
 
@@ -150,21 +150,13 @@ class Histories:
             raise InputError(path, "no such histories file", "pass a JSON-lines file of {user, items, times}")
         item_id = {s: i + 1 for i, s in enumerate(catalog.source_ids.to_pylist())}
         names, users, sequences, sequence_times = [], [], [], []
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(_bounded_lines(handle, path), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(
-                        path, f"not JSON ({exc.msg})", "write one JSON object per line", line=line_number
-                    ) from exc
-                given, times, name = _history_record(record, path, line_number, item_id)
-                names.append(name)
-                users.append((known_users or {}).get(name, 0))
-                sequences.append([item_id[i] for i in given])
-                sequence_times.append(times)
+        fix = 'write one {"user": ..., "items": [...], "times": [...]} per line, most recent items only'
+        for line_number, record in json_records(path, fix):
+            given, times, name = _history_record(record, path, line_number, item_id)
+            names.append(name)
+            users.append((known_users or {}).get(name, 0))
+            sequences.append([item_id[i] for i in given])
+            sequence_times.append(times)
         if not names:
             raise InputError(path, "no histories", "write one JSON object per line")
         # the model reads the most recent max_history items: no row is padded to a longer line
@@ -181,25 +173,7 @@ class Histories:
         return histories
 
 
-MAX_LINE_BYTES = 1 << 20  # one history per line; a longer line is refused, not read into memory
 MAX_TIME = 2**53  # seconds (or any integer clock) a float64 still counts exactly
-
-
-def _bounded_lines(handle, path: Path):
-    number = 0
-    while True:
-        line = handle.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return
-        number += 1
-        if len(line) > MAX_LINE_BYTES:
-            raise InputError(
-                path,
-                f"longer than {MAX_LINE_BYTES} characters",
-                "give a user's most recent items only (the model reads data.max_history of them)",
-                line=number,
-            )
-        yield line
 
 
 def _history_record(record, path: Path, line: int, item_id: dict) -> tuple[list[str], list[int], str]:

@@ -16,7 +16,6 @@ an item they have not seen.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,9 @@ import torch
 
 from lrd_dist.assembly import DatasetAndModel
 from lrd_dist.data.catalog import Catalog
+from lrd_dist.data.json_lines import json_records
 from lrd_dist.errors import InputError
 from lrd_dist.models.relational import RelationalRecommender
-
-MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -49,23 +47,8 @@ def read_new_items(path: Path, catalog: Catalog) -> list[NewItem]:
     known = set(catalog.source_ids.to_pylist())
     items: list[NewItem] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        number = 0
-        while line := handle.readline(MAX_LINE_BYTES + 1):
-            number += 1
-            if len(line) > MAX_LINE_BYTES:
-                raise InputError(
-                    path, f"longer than {MAX_LINE_BYTES} characters", "shorten the text", line=number
-                )
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(
-                    path, f"not JSON ({exc.msg})", "write one JSON object per line", line=number
-                ) from exc
-            items.append(_item(record, path, number, known, seen, catalog))
+    for number, record in json_records(path, 'write one {"id": ..., "text": ...} per line'):
+        items.append(_item(record, path, number, known, seen, catalog))
     if not items:
         raise InputError(path, "no items", 'write one {"id": ..., "text": ...} per line')
     return items

@@ -22,11 +22,11 @@ from lrd_dist.data.format import CATALOG
 from lrd_dist.encoders.item_text import build_item_text
 from lrd_dist.encoders.text import load_table
 from lrd_dist.errors import InputError
-from lrd_dist.train.checkpoint import COMPLETE, TRAINER, complete_checkpoints
+from lrd_dist.train.checkpoint import TRAINER, complete_checkpoints
 from lrd_dist.train.trainer import train
 from tests.conftest import TINY_LRD
 from tests.faults import kill
-from tests.helpers import resumes
+from tests.helpers import relist, resumes
 from tests.integration.launch import lrd_launch
 
 pytestmark = pytest.mark.slow
@@ -107,19 +107,13 @@ def test_a_killed_rank_resumes_from_its_checkpoint_with_identical_losses(
 def test_a_checkpoint_of_another_trunk_cache_is_refused(
     synth_with_embeddings: Path, trunk_runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    from lrd_dist.data.format import sha256_of
 
     checkpoint = tmp_path / "other"
     shutil.copytree(complete_checkpoints(trunk_runs["cpu_2proc"] / "checkpoints")[-1], checkpoint)
     trainer = json.loads((checkpoint / TRAINER).read_text())
     trainer["states"]["trunk_cache"]["key"] = "0" * 64
     (checkpoint / TRAINER).write_text(json.dumps(trainer))
-    marker = json.loads((checkpoint / COMPLETE).read_text())
-    marker["files"][TRAINER] = {
-        "bytes": (checkpoint / TRAINER).stat().st_size,
-        "sha256": sha256_of(checkpoint / TRAINER),
-    }
-    (checkpoint / COMPLETE).write_text(json.dumps(marker))
+    relist(checkpoint, TRAINER)
     overrides = _overrides(synth_with_embeddings, tmp_path / "run", trunk_runs["cache"])
     with pytest.raises(InputError, match="trained on trunk cache 0000000000000000"):
         train(load_config(None, [*overrides, f"checkpoint.resume={checkpoint}"]))

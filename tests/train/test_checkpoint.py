@@ -16,7 +16,7 @@ from lrd_dist.train.checkpoint import complete_checkpoints
 from lrd_dist.train.trainer import train
 from tests.conftest import TINY_LRD
 from tests.faults import kill
-from tests.helpers import resumes, training_log
+from tests.helpers import relist, resumes, training_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -195,17 +195,12 @@ def test_killed_run_resumes_with_the_same_losses(synth_with_embeddings: Path, tm
 def _rewrite_trainer(checkpoint: Path, change) -> dict:
     """Edit a checkpoint's trainer.json as an earlier release would have written it, keeping the
     COMPLETE marker consistent (so only the refusal of its content is tested)."""
-    from lrd_dist.train.checkpoint import COMPLETE, TRAINER, sha256_of
+    from lrd_dist.train.checkpoint import TRAINER
 
     trainer = json.loads((checkpoint / TRAINER).read_text())
     change(trainer)
     (checkpoint / TRAINER).write_text(json.dumps(trainer))
-    marker = json.loads((checkpoint / COMPLETE).read_text())
-    marker["files"][TRAINER] = {
-        "bytes": (checkpoint / TRAINER).stat().st_size,
-        "sha256": sha256_of(checkpoint / TRAINER),
-    }
-    (checkpoint / COMPLETE).write_text(json.dumps(marker))
+    relist(checkpoint, TRAINER)
     return trainer
 
 
@@ -285,12 +280,7 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_and_never_unpickled(
             target.write_bytes(pickle.dumps(_RunsACommand(marker)))
         else:
             torch.save({"state": _RunsACommand(marker)}, target)
-        _rewrite_trainer(hostile, lambda trainer: None)  # refresh COMPLETE for the trainer file...
-        listed = json.loads((hostile / "COMPLETE").read_text())  # ...and list the hostile file
-        from lrd_dist.data.format import sha256_of
-
-        listed["files"][place] = {"bytes": target.stat().st_size, "sha256": sha256_of(target)}
-        (hostile / "COMPLETE").write_text(json.dumps(listed))
+        relist(hostile, place)  # listed as if its save had written it
         with pytest.raises(InputError, match=r"refused: .*could run code"):
             _resume(synth_with_embeddings, checkpointed_run, tmp_path, hostile)
         with pytest.raises(InputError, match=r"refused: .*could run code"):
