@@ -4,7 +4,11 @@
 # address from the first host of the node list, a port derived from the job id (free of other jobs
 # on the same nodes unless they share id modulo 20000).
 lrd_rendezvous() {
-    MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    local first
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # the node's address as SLURM knows it (NodeAddr: the node name unless the cluster says otherwise)
+    MAIN_ADDR=$(scontrol show node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+    MAIN_ADDR=${MAIN_ADDR:-$first}
     MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
     MACHINE_RANK=${SLURM_NODEID:-0}
     NUM_MACHINES=${SLURM_NNODES:-1}
