@@ -4,6 +4,8 @@
 #
 #   bash scripts/local_slurm.sh start DIR   # installs if needed, writes DIR/slurm.conf, starts daemons
 #   bash scripts/local_slurm.sh stop DIR
+#   bash scripts/local_slurm.sh install-only DIR   # SLURM and munge installed, munged running (for
+#                                                  # scripts/local_slurm_2node.sh)
 # Then: export SLURM_CONF=DIR/slurm.conf; sinfo; sbatch ...
 set -euo pipefail
 ACTION=${1:?start|stop}
@@ -24,7 +26,6 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 fi
 
-mkdir -p "$DIR/spool/ctld" "$DIR/spool/d" "$DIR/log"
 if ! pgrep -x munged >/dev/null; then
     mkdir -p /run/munge /etc/munge /var/lib/munge /var/log/munge
     [[ -s /etc/munge/munge.key ]] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
@@ -32,6 +33,8 @@ if ! pgrep -x munged >/dev/null; then
     chmod 700 /etc/munge && chmod 400 /etc/munge/munge.key
     runuser -u munge -- munged
 fi
+if [[ $ACTION == install-only ]]; then exit 0; fi
+mkdir -p "$DIR/spool/ctld" "$DIR/spool/d" "$DIR/log"
 
 CPUS=$(getconf _NPROCESSORS_ONLN)  # not nproc: it honours OMP_NUM_THREADS
 cat > "$DIR/slurm.conf" <<CONF

@@ -1,0 +1,162 @@
+"""Two nodes for real: a two-node SLURM cluster the test builds from network namespaces on this
+machine (``scripts/local_slurm_2node.sh``: two hosts joined by a veth pair, nothing reachable beyond
+them), the shipped ``slurm/multi_node.sbatch`` training DDP across them with gloo over the veth, and
+``lrd-dist launch`` across the two hosts without SLURM; both log the losses of a one-node,
+two-process run of the same config and seed. Needs root (namespaces, SLURM); elsewhere the tests
+skip with the reason, and under CI=true that skip fails them (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_LRD
+from tests.integration.launch import REPO, free_port, lrd_launch
+
+pytestmark = pytest.mark.slow
+SCRIPT = REPO / "scripts" / "local_slurm_2node.sh"
+CONFIG = "lrd_dist/configs/demo.yaml"  # every run here: this config, the overrides of _train
+
+
+def _train(data: Path, *extra: str) -> list[str]:
+    return [
+        f"data.dir={data}",
+        "data.batch_size=64",
+        *TINY_LRD,
+        "train.max_steps=8",
+        "eval.enabled=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory):
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.skip("a two-node cluster of network namespaces needs root, iproute2 and nsenter")
+    state = tmp_path_factory.mktemp("two") / "cluster"
+    prefix = f"lrd{os.getpid() % 10000}n"
+    env = os.environ | {"LRD_NETNS_PREFIX": prefix}
+    started = subprocess.run(
+        ["bash", str(SCRIPT), "start", str(state)], env=env, capture_output=True, text=True
+    )
+    if started.returncode != 0:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(state)], env=env, capture_output=True)
+        pytest.skip(f"the two-node cluster did not start here: {started.stderr[-500:]}")
+    yield {"state": state, "env": env, "prefix": prefix}
+    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], env=env, check=True)
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert prefix not in namespaces and not state.exists()  # nothing outlives the cluster
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert prefix not in links
+
+
+def _in_cluster(cluster: dict, *command: str, **options) -> subprocess.CompletedProcess:
+    """A command inside the first node's network (where slurmctld listens)."""
+    return subprocess.run(
+        ["bash", str(SCRIPT), "run", str(cluster["state"]), "--", *command],
+        env=cluster["env"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        **options,
+    )
+
+
+def _losses(run: Path) -> list[tuple]:
+    entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["loss"], e.get("lrd")) for e in entries if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def one_node(synth_with_embeddings: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: two processes on one node, DDP over gloo."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    overrides = _train(synth_with_embeddings, f"train.out_dir={run}")
+    result = lrd_launch("cpu_2proc", "train", "--config", CONFIG, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_the_cluster_has_two_idle_nodes_with_their_own_addresses(two_nodes: dict) -> None:
+    nodes = _in_cluster(two_nodes, "sinfo", "-h", "-N", "-o", "%N %T").stdout.split()
+    assert nodes == ["n1", "idle", "n2", "idle"]
+    hosts = _in_cluster(two_nodes, "srun", "-N2", "-n2", "sh", "-c", "echo $(hostname)=$SLURM_NODEID")
+    assert sorted(hosts.stdout.split()) == ["n1=0", "n2=1"], hosts.stderr
+
+
+def test_multi_node_sbatch_trains_ddp_across_two_nodes_like_one_node(
+    two_nodes: dict, synth_with_embeddings: Path, one_node: Path, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    submit = (
+        f"cd {REPO} && LAUNCHER=launchers/multi_node_cpu.yaml PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 "
+        f"RUNS_DIR={runs} sbatch --parsable --nodes=2 --output={tmp_path}/job-%j.out "
+        f"slurm/multi_node.sbatch {CONFIG} " + " ".join(_train(synth_with_embeddings))
+    )
+    job = _in_cluster(two_nodes, "bash", "-c", submit).stdout.strip()
+    assert job.isdigit(), job
+    deadline, state = time.monotonic() + 240, ""
+    while time.monotonic() < deadline:
+        shown = _in_cluster(two_nodes, "scontrol", "-o", "show", "job", job).stdout
+        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(1)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert state == "COMPLETED", output
+    (run,) = runs.iterdir()
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 8
+    logs = {p.name: p.read_text() for p in (run / "logs").iterdir()}
+    assert len(logs) == 2 and any("rank 0 of 2" in t for t in logs.values())
+    assert any("rank 1 of 2" in t for t in logs.values())
+    assert "2 nodes x 1 processes" in output and "main 10.77.77.1:" in output
+    assert _losses(run) == _losses(one_node)  # gloo over the veth: the same numbers
+
+
+def test_lrd_dist_launch_across_two_hosts_without_slurm(
+    two_nodes: dict, synth_with_embeddings: Path, one_node: Path, tmp_path: Path
+) -> None:
+    """The README's multi-node command, one launch per host with its machine rank."""
+    port, run = free_port(), tmp_path / "run"
+    prefix = two_nodes["prefix"]
+    launches = []
+    for rank, host in enumerate(("n1", "n2")):
+        command = [
+            "nsenter",
+            f"--net=/var/run/netns/{prefix}{rank + 1}",
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            f'hostname {host}; exec "$@"',
+            "launch",
+            str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else "python3",
+            "-m",
+            "lrd_dist.cli",
+            "launch",
+            "--config_file",
+            "launchers/multi_node_cpu.yaml",
+            *("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank)),
+            *("--main_process_ip", "10.77.77.1", "--main_process_port", str(port)),
+            "--",
+            "train",
+            *("--config", CONFIG),
+            *_train(synth_with_embeddings, f"train.out_dir={run}"),
+        ]
+        env = os.environ | {"GLOO_SOCKET_IFNAME": "lrd0", "OMP_NUM_THREADS": "1"}
+        launches.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [launch.communicate(timeout=300)[0] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert json.loads((run / "results.json").read_text())["world_size"] == 2
+    assert _losses(run) == _losses(one_node)
