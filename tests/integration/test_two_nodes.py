@@ -93,24 +93,9 @@ def test_the_cluster_has_two_idle_nodes_with_their_own_addresses(two_nodes: dict
 def test_multi_node_sbatch_trains_ddp_across_two_nodes_like_one_node(
     two_nodes: dict, synth_with_embeddings: Path, one_node: Path, tmp_path: Path
 ) -> None:
-    runs = tmp_path / "runs"
-    submit = (
-        f"cd {REPO} && LAUNCHER=launchers/multi_node_cpu.yaml PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 "
-        f"RUNS_DIR={runs} sbatch --parsable --nodes=2 --output={tmp_path}/job-%j.out "
-        f"slurm/multi_node.sbatch {CONFIG} " + " ".join(_train(synth_with_embeddings))
+    run, output = _sbatch_and_wait(
+        two_nodes, tmp_path, "launchers/multi_node_cpu.yaml", _train(synth_with_embeddings)
     )
-    job = _in_cluster(two_nodes, "bash", "-c", submit).stdout.strip()
-    assert job.isdigit(), job
-    deadline, state = time.monotonic() + 240, ""
-    while time.monotonic() < deadline:
-        shown = _in_cluster(two_nodes, "scontrol", "-o", "show", "job", job).stdout
-        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        time.sleep(1)
-    output = (tmp_path / f"job-{job}.out").read_text()
-    assert state == "COMPLETED", output
-    (run,) = runs.iterdir()
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 8
     logs = {p.name: p.read_text() for p in (run / "logs").iterdir()}
@@ -160,3 +145,51 @@ def test_lrd_dist_launch_across_two_hosts_without_slurm(
     assert [launch.returncode for launch in launches] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert json.loads((run / "results.json").read_text())["world_size"] == 2
     assert _losses(run) == _losses(one_node)
+
+
+def _sbatch_and_wait(cluster: dict, tmp_path: Path, launcher: str, overrides: list[str]) -> tuple[Path, str]:
+    """Submit slurm/multi_node.sbatch to the two nodes and wait for the job; (run dir, its output)."""
+    runs = tmp_path / "runs"
+    submit = (
+        f"cd {REPO} && LAUNCHER={launcher} PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 RUNS_DIR={runs} "
+        f"sbatch --parsable --nodes=2 --output={tmp_path}/job-%j.out slurm/multi_node.sbatch {CONFIG} "
+        + " ".join(overrides)
+    )
+    job = _in_cluster(cluster, "bash", "-c", submit).stdout.strip()
+    assert job.isdigit(), job
+    deadline, state = time.monotonic() + 300, ""
+    while time.monotonic() < deadline:
+        shown = _in_cluster(cluster, "scontrol", "-o", "show", "job", job).stdout
+        state = next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(1)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert state == "COMPLETED", output
+    (run,) = runs.iterdir()
+    return run, output
+
+
+def test_zero2_across_two_nodes_like_one_node_and_its_export_is_the_best_weights(
+    two_nodes: dict, synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    """ZeRO-2 shards written on two hosts: the losses of one node with two processes, and the
+    checkpoint exported to one file equals the run's best weights of that step, bit for bit."""
+    from safetensors.torch import load_file
+
+    from lrd_dist.cli import main
+    from lrd_dist.train.checkpoint import complete_checkpoints
+
+    one_epoch = [f"data.dir={synth_with_embeddings}", "data.batch_size=64", *TINY_LRD, "train.epochs=1"]
+    reference = tmp_path / "one"
+    result = lrd_launch("cpu_zero2", "train", "--config", CONFIG, *one_epoch, f"train.out_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, _ = _sbatch_and_wait(two_nodes, tmp_path, "launchers/multi_node_cpu_zero2.yaml", one_epoch)
+    assert "DEEPSPEED" in json.loads((run / "results.json").read_text())["distributed_type"]
+    assert _losses(run) == _losses(reference)
+    checkpoint = complete_checkpoints(run / "checkpoints")[-1]
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model.safetensors")]) == 0
+    )
+    exported, best = load_file(str(tmp_path / "model.safetensors")), load_file(str(run / "best.safetensors"))
+    assert exported.keys() == best.keys() and all(exported[k].equal(best[k]) for k in best)
