@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from lrd_dist.train.checkpoint import complete_checkpoints
 from tests.conftest import TINY_LRD
+from tests.helpers import resumes
 from tests.integration.launch import REPO, free_port, lrd_launch
 
 pytestmark = pytest.mark.slow
@@ -178,7 +180,6 @@ def test_zero2_across_two_nodes_like_one_node_and_its_export_is_the_best_weights
     from safetensors.torch import load_file
 
     from lrd_dist.cli import main
-    from lrd_dist.train.checkpoint import complete_checkpoints
 
     one_epoch = [f"data.dir={synth_with_embeddings}", "data.batch_size=64", *TINY_LRD, "train.epochs=1"]
     reference = tmp_path / "one"
@@ -193,3 +194,50 @@ def test_zero2_across_two_nodes_like_one_node_and_its_export_is_the_best_weights
     )
     exported, best = load_file(str(tmp_path / "model.safetensors")), load_file(str(run / "best.safetensors"))
     assert exported.keys() == best.keys() and all(exported[k].equal(best[k]) for k in best)
+
+
+def test_a_signal_reaches_both_nodes_and_the_requeued_job_resumes_on_two_nodes(
+    two_nodes: dict, synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    """SIGUSR1 (what SLURM sends ahead of the time limit) to the job: the ranks on both hosts stop at
+    one step with a checkpoint, the job exits 75 and requeues, and the requeued job resumes on two
+    nodes from that step and logs the losses of a run that was never stopped."""
+    four_epochs = [f"data.dir={synth_with_embeddings}", "data.batch_size=32", *TINY_LRD, "train.epochs=4"]
+    reference = tmp_path / "one"
+    result = lrd_launch("cpu_2proc", "train", "--config", CONFIG, *four_epochs, f"train.out_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "runs"
+    submit = (
+        f"cd {REPO} && LAUNCHER=launchers/multi_node_cpu.yaml PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 "
+        f"RUNS_DIR={runs} sbatch --parsable --nodes=2 --output={tmp_path}/job.out "
+        f"slurm/multi_node.sbatch {CONFIG} " + " ".join(four_epochs)
+    )
+    job = _in_cluster(two_nodes, "bash", "-c", submit).stdout.strip()
+    assert job.isdigit(), job
+
+    def state() -> dict:
+        shown = _in_cluster(two_nodes, "scontrol", "-o", "show", "job", job).stdout
+        return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+
+    def wait(predicate, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"{what}: {state()}\n{(tmp_path / 'job.out').read_text()}"
+            time.sleep(1)
+
+    metrics = lambda: next(runs.glob("*/metrics.jsonl"), None)  # noqa: E731
+    wait(lambda: metrics() is not None and len(metrics().read_text().splitlines()) > 20, "training steps")
+    _in_cluster(two_nodes, "scancel", "--signal=USR1", job, check=True)
+    wait(lambda: int(state().get("Restarts", "0")) >= 1, "the requeue")
+    run = metrics().parent
+    stopped = complete_checkpoints(run / "checkpoints")[-1].name
+    nodes_left = lambda: not _in_cluster(two_nodes, "squeue", "-h", "-s", "-j", job).stdout.strip()  # noqa: E731
+    wait(nodes_left, "the first attempt's steps to end", 180)
+    _in_cluster(two_nodes, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    wait(lambda: state().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the second attempt")
+    output = (tmp_path / "job.out").read_text()
+    assert state()["JobState"] == "COMPLETED" and "requeueing" in output, output
+    assert resumes(run) == [stopped]  # it resumed from the signal's checkpoint, not from step 0
+    assert _losses(run) == _losses(reference)
+    logs = "".join(p.read_text() for p in (run / "logs").iterdir())
+    assert logs.count("received SIGUSR1") >= 2  # on both hosts
