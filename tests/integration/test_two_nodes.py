@@ -241,3 +241,65 @@ def test_a_signal_reaches_both_nodes_and_the_requeued_job_resumes_on_two_nodes(
     assert _losses(run) == _losses(reference)
     logs = "".join(p.read_text() for p in (run / "logs").iterdir())
     assert logs.count("received SIGUSR1") >= 2  # on both hosts
+
+
+def test_losing_a_node_ends_the_job_within_the_timeout_and_the_run_resumes_on_the_node_left(
+    two_nodes: dict, synth_with_embeddings: Path, tmp_path: Path
+) -> None:
+    """Every process of the second host is killed mid-epoch (its slurmd, the job's launcher and
+    rank): the rank left stops at its next collective within ``train.collective_timeout_s`` instead of
+    hanging, and the run, resubmitted to the one node left, resumes from its last complete checkpoint
+    (the two-process checkpoint continued by one process)."""
+    overrides = [
+        f"data.dir={synth_with_embeddings}",
+        "data.batch_size=32",
+        *TINY_LRD,
+        "train.epochs=3",
+        "checkpoint.every_steps=5",
+        "train.collective_timeout_s=15",
+    ]
+    runs = tmp_path / "runs"
+    base = f"cd {REPO} && LAUNCHER=launchers/multi_node_cpu.yaml PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 "
+    submit = (
+        base + f"RUNS_DIR={runs} sbatch --parsable --nodes=2 --output={tmp_path}/job.out "
+        f"slurm/multi_node.sbatch {CONFIG} " + " ".join(overrides)
+    )
+    job = _in_cluster(two_nodes, "bash", "-c", submit).stdout.strip()
+
+    def state(which: str) -> str:
+        shown = _in_cluster(two_nodes, "scontrol", "-o", "show", "job", which).stdout
+        return next((f.split("=", 1)[1] for f in shown.split() if f.startswith("JobState=")), "")
+
+    deadline = time.monotonic() + 300
+    while not any(
+        len(m.read_text().splitlines()) > 12 for m in runs.glob("*/metrics.jsonl")
+    ):  # some steps and a checkpoint or two
+        assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()
+        time.sleep(0.5)
+    (run,) = runs.iterdir()
+    lost = time.monotonic()
+    second = f"/var/run/netns/{two_nodes['prefix']}2"
+    pids = subprocess.run(["ip", "netns", "pids", Path(second).name], capture_output=True, text=True).stdout
+    subprocess.run(["kill", "-9", *pids.split()], check=False)
+    ended = ("FAILED", "NODE_FAIL", "CANCELLED", "COMPLETED", "TIMEOUT")
+    while state(job) == "RUNNING":  # then requeued (PENDING: its --requeue) or failed
+        assert time.monotonic() - lost < 150, "the job hung after losing a node"
+        time.sleep(1)
+    assert state(job) != "COMPLETED"
+    _in_cluster(two_nodes, "scancel", job)  # its requeue would wait for the lost node
+    last = complete_checkpoints(run / "checkpoints")[-1]
+    resubmit = (
+        base + f"RUNS_DIR={tmp_path / 'again'} sbatch --parsable --nodes=1 --nodelist=n1 "
+        f"--output={tmp_path}/again.out slurm/multi_node.sbatch {CONFIG} "
+        + " ".join(overrides)
+        + f" train.out_dir={run}"
+    )
+    again = _in_cluster(two_nodes, "bash", "-c", resubmit).stdout.strip()
+    deadline = time.monotonic() + 300
+    while state(again) not in ended:
+        assert time.monotonic() < deadline, (tmp_path / "again.out").read_text()
+        time.sleep(1)
+    assert state(again) == "COMPLETED", (tmp_path / "again.out").read_text()
+    assert resumes(run)[-1] == last.name
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 1 and results["epochs_run"] == 3
