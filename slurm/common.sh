@@ -16,9 +16,12 @@ lrd_rendezvous() {
 }
 
 # The run directory survives requeues: a requeued job keeps its job id (arrays: id and task).
+# RUN_DIR set at submission continues that run in a new job (after a lost node, or on other nodes).
 lrd_run_dir() {
     local name=${SLURM_JOB_NAME:-lrd}
-    if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
+    if [[ -n "${RUN_DIR:-}" ]]; then
+        echo "$RUN_DIR"
+    elif [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
         echo "${RUNS_DIR:-runs/slurm}/${name}-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
     else
         echo "${RUNS_DIR:-runs/slurm}/${name}-${SLURM_JOB_ID}"

@@ -149,12 +149,22 @@ def test_lrd_dist_launch_across_two_hosts_without_slurm(
     assert _losses(run) == _losses(one_node)
 
 
-def _sbatch_and_wait(cluster: dict, tmp_path: Path, launcher: str, overrides: list[str]) -> tuple[Path, str]:
-    """Submit slurm/multi_node.sbatch to the two nodes and wait for the job; (run dir, its output)."""
+def _sbatch_and_wait(
+    cluster: dict,
+    tmp_path: Path,
+    launcher: str,
+    overrides: list[str],
+    nodes: str = "--nodes=2",
+    expect: str = "COMPLETED",
+    run_dir: Path | None = None,
+) -> tuple[Path, str]:
+    """Submit slurm/multi_node.sbatch to the nodes (continuing ``run_dir`` if given) and wait for
+    the job to end as ``expect``; (the run directory it made, or None; the job's output)."""
     runs = tmp_path / "runs"
+    place = f"RUN_DIR={run_dir}" if run_dir else f"RUNS_DIR={runs}"
     submit = (
-        f"cd {REPO} && LAUNCHER={launcher} PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 RUNS_DIR={runs} "
-        f"sbatch --parsable --nodes=2 --output={tmp_path}/job-%j.out slurm/multi_node.sbatch {CONFIG} "
+        f"cd {REPO} && LAUNCHER={launcher} PROCS_PER_NODE=1 LRD_NETWORK_INTERFACE=lrd0 {place} "
+        f"sbatch --parsable {nodes} --output={tmp_path}/job-%j.out slurm/multi_node.sbatch {CONFIG} "
         + " ".join(overrides)
     )
     job = _in_cluster(cluster, "bash", "-c", submit).stdout.strip()
@@ -167,16 +177,17 @@ def _sbatch_and_wait(cluster: dict, tmp_path: Path, launcher: str, overrides: li
             break
         time.sleep(1)
     output = (tmp_path / f"job-{job}.out").read_text()
-    assert state == "COMPLETED", output
-    (run,) = runs.iterdir()
-    return run, output
+    assert state == expect, output
+    made = list(runs.iterdir()) if runs.exists() else []
+    return (made[0] if len(made) == 1 else None), output  # type: ignore[return-value]
 
 
 def test_zero2_across_two_nodes_like_one_node_and_its_export_is_the_best_weights(
     two_nodes: dict, synth_with_embeddings: Path, tmp_path: Path
 ) -> None:
-    """ZeRO-2 shards written on two hosts: the losses of one node with two processes, and the
-    checkpoint exported to one file equals the run's best weights of that step, bit for bit."""
+    """ZeRO-2 shards written on two hosts: the losses of one node with two processes, the
+    checkpoint exported to one file equals the run's best weights of that step, bit for bit, and
+    resubmitted to one node (what a lost node leaves) the run refuses the world-size change."""
     from safetensors.torch import load_file
 
     from lrd_dist.cli import main
@@ -194,6 +205,20 @@ def test_zero2_across_two_nodes_like_one_node_and_its_export_is_the_best_weights
     )
     exported, best = load_file(str(tmp_path / "model.safetensors")), load_file(str(run / "best.safetensors"))
     assert exported.keys() == best.keys() and all(exported[k].equal(best[k]) for k in best)
+    # the ZeRO shards of two ranks cannot continue on the one node a lost node leaves: refused, with why
+    _, output = _sbatch_and_wait(
+        two_nodes,
+        tmp_path,
+        "launchers/multi_node_cpu_zero2.yaml",
+        [*one_epoch[:-1], "train.epochs=2"],
+        nodes="--nodes=1 --nodelist=n1",
+        expect="FAILED",
+        run_dir=run,
+    )
+    logs = "".join(log.read_text() for log in sorted((run / "logs").iterdir()))
+    assert "DeepSpeed ZeRO checkpoint of 2 ranks, resumed with 1" in logs, output
+    assert "`lrd-dist export` it and start from the weights" in logs
+    assert complete_checkpoints(run / "checkpoints")[-1] == checkpoint  # nothing written over
 
 
 def test_a_signal_reaches_both_nodes_and_the_requeued_job_resumes_on_two_nodes(
@@ -289,10 +314,8 @@ def test_losing_a_node_ends_the_job_within_the_timeout_and_the_run_resumes_on_th
     _in_cluster(two_nodes, "scancel", job)  # its requeue would wait for the lost node
     last = complete_checkpoints(run / "checkpoints")[-1]
     resubmit = (
-        base + f"RUNS_DIR={tmp_path / 'again'} sbatch --parsable --nodes=1 --nodelist=n1 "
-        f"--output={tmp_path}/again.out slurm/multi_node.sbatch {CONFIG} "
-        + " ".join(overrides)
-        + f" train.out_dir={run}"
+        base + f"RUN_DIR={run} sbatch --parsable --nodes=1 --nodelist=n1 "
+        f"--output={tmp_path}/again.out slurm/multi_node.sbatch {CONFIG} " + " ".join(overrides)
     )
     again = _in_cluster(two_nodes, "bash", "-c", resubmit).stdout.strip()
     deadline = time.monotonic() + 300
