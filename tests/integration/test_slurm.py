@@ -143,9 +143,12 @@ def test_cpu_job_is_signalled_requeues_and_resumes(
     assert _job_state(env, job).get("Restarts") == "1", f"the job ended without a requeue\n\n{diagnosis()}"
     # A requeued job waits ~2 minutes before it is eligible again, which gives the node time to tear
     # down the first run's steps; the test shortens the wait to that teardown (relaunching job 1 while a
-    # slurmstepd of its first run is still alive can fail the launch).
+    # slurmstepd of its first run is still alive can fail the launch) plus the second in which slurmd
+    # revoked the first run's credential (one-second resolution: a credential issued in that second is
+    # refused as revoked and the job fails).
     if _job_state(env, job).get("JobState") == "PENDING":
         _wait(lambda: not _first_run_left(env, job), 180, "the first run's steps to end", diagnosis)
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
     _wait(
         lambda: _job_state(env, job).get("JobState") in ended,

@@ -256,12 +256,23 @@ def test_a_signal_reaches_both_nodes_and_the_requeued_job_resumes_on_two_nodes(
     wait(lambda: int(state().get("Restarts", "0")) >= 1, "the requeue")
     run = metrics().parent
     stopped = complete_checkpoints(run / "checkpoints")[-1].name
-    nodes_left = lambda: not _in_cluster(two_nodes, "squeue", "-h", "-s", "-j", job).stdout.strip()  # noqa: E731
-    wait(nodes_left, "the first attempt's steps to end", 180)
+
+    # A requeued job waits ~2 minutes before it is eligible again; the test shortens that to the
+    # teardown of the first attempt on both nodes, plus the second in which slurmd revoked its
+    # credential (revocations have one-second resolution: a credential issued in the same second is
+    # refused, "Job credential revoked", and the job fails instead of starting).
+    def first_attempt_left() -> bool:
+        steps = _in_cluster(two_nodes, "squeue", "-h", "-s", "-j", job).stdout.strip()
+        nodes = _in_cluster(two_nodes, "sinfo", "-h", "-N", "-o", "%T").stdout.split()
+        return not steps and nodes == ["idle", "idle"]
+
+    wait(first_attempt_left, "the first attempt's steps to end", 180)
+    time.sleep(2)
     _in_cluster(two_nodes, "scontrol", "update", f"JobId={job}", "StartTime=now")
     wait(lambda: state().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the second attempt")
     output = (tmp_path / "job.out").read_text()
-    assert state()["JobState"] == "COMPLETED" and "requeueing" in output, output
+    daemons = "".join(log.read_text()[-3000:] for log in sorted((two_nodes["state"] / "log").iterdir()))
+    assert state()["JobState"] == "COMPLETED" and "requeueing" in output, f"{state()}\n{output}\n{daemons}"
     assert resumes(run) == [stopped]  # it resumed from the signal's checkpoint, not from step 0
     assert _losses(run) == _losses(reference)
     logs = "".join(p.read_text() for p in (run / "logs").iterdir())
