@@ -74,6 +74,10 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
         ["train.negative_rule=official"],
     ),
 }
+SOFTMAX8 = ["train.loss=sampled_softmax", "train.num_negatives=8"]
+# MiniLM's top layer LoRA-tuned on a cached trunk, bf16 autocast, no encoder dropout (the fast setting
+# of benchmarks/tuned_encoder.py)
+TOP1_LORA = ["llm.mode=lora", "llm.tune_layers=1", "llm.autocast=bf16", "llm.dropout=false"]
 # Why our KDA+LRD falls short of the authors' figure: each probe changes one thing of the official
 # KDA+LRD (or KDA, or SASRec) run. Trained only when named (--probes or --only); "{data}" is --data.
 PROBES: dict[str, tuple[str, str, list[str]]] = {
@@ -123,6 +127,46 @@ PROBES: dict[str, tuple[str, str, list[str]]] = {
         "KDA+LRD, sampled softmax over 8 negatives, MiniLM top-1 LoRA",
         "kda_lrd_softmax8.yaml",
         ["llm.mode=lora", "llm.tune_layers=1", "llm.autocast=bf16", "llm.dropout=false"],
+    ),
+    # Text where the recommender scores (issue 33): the item vector is the ID embedding plus a learned
+    # projection of the MiniLM item vector (id+text), or the projection alone (text); frozen and with
+    # the top layer tuned by the recommendation loss. On a --cold-items split these give the
+    # warm/cold-target figures.
+    "kda_softmax8_id_text": (
+        "KDA, sampled softmax over 8 negatives, ID + text (frozen MiniLM)",
+        "kda.yaml",
+        [*SOFTMAX8, "model.item_representation=id+text"],
+    ),
+    "kda_lrd_softmax8_id_text": (
+        "KDA+LRD, sampled softmax over 8 negatives, ID + text (frozen MiniLM)",
+        "kda_lrd_softmax8.yaml",
+        ["model.item_representation=id+text"],
+    ),
+    "kda_softmax8_id_text_top1_lora": (
+        "KDA, sampled softmax over 8 negatives, ID + text, MiniLM top-1 LoRA",
+        "kda.yaml",
+        [*SOFTMAX8, "model.item_representation=id+text", *TOP1_LORA],
+    ),
+    "kda_lrd_softmax8_id_text_top1_lora": (
+        "KDA+LRD, sampled softmax over 8 negatives, ID + text, MiniLM top-1 LoRA",
+        "kda_lrd_softmax8.yaml",
+        ["model.item_representation=id+text", *TOP1_LORA],
+    ),
+    "kda_softmax8_text": (
+        "KDA, sampled softmax over 8 negatives, text only (frozen MiniLM)",
+        "kda.yaml",
+        [*SOFTMAX8, "model.item_representation=text"],
+    ),
+    "sasrec_softmax8": ("SASRec, sampled softmax over 8 negatives", "sasrec.yaml", SOFTMAX8),
+    "sasrec_softmax8_id_text": (
+        "SASRec, sampled softmax over 8 negatives, ID + text (frozen MiniLM)",
+        "sasrec.yaml",
+        [*SOFTMAX8, "model.item_representation=id+text"],
+    ),
+    "sasrec_softmax8_id_text_top1_lora": (
+        "SASRec, sampled softmax over 8 negatives, ID + text, MiniLM top-1 LoRA",
+        "sasrec.yaml",
+        [*SOFTMAX8, "model.item_representation=id+text", *TOP1_LORA],
     ),
 }
 # The item-text tables the probes read: file stem under --data -> `lrd-dist embed` options
