@@ -46,7 +46,15 @@ SETTINGS: dict[str, tuple[list[str], int]] = {
 }
 
 
-def run(data: Path, out: Path, cache: Path, overrides: list[str], steps: int, threads: int) -> dict:
+def run(
+    data: Path,
+    out: Path,
+    cache: Path,
+    overrides: list[str],
+    steps: int,
+    threads: int,
+    env: dict[str, str] | None = None,
+) -> dict:
     command = [
         sys.executable,
         *("-m", "lrd_dist.cli", "train", "--config", str(CONFIG)),
@@ -59,14 +67,14 @@ def run(data: Path, out: Path, cache: Path, overrides: list[str], steps: int, th
         f"llm.cache_dir={cache}",
         *overrides,
     ]
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"} | (env or {})
     started = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        process, peak = psutil.Process(child.pid), 0
+        process, rss = psutil.Process(child.pid), [0]
         while child.poll() is None:
             try:
-                peak = max(peak, process.memory_info().rss)
+                rss.append(process.memory_info().rss)
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.1)
@@ -79,7 +87,8 @@ def run(data: Path, out: Path, cache: Path, overrides: list[str], steps: int, th
         "steps": steps,
         "samples_per_s": statistics.median(rates),
         "samples_per_s_windows": rates,
-        "peak_rss_gib": peak / 2**30,
+        "peak_rss_gib": max(rss) / 2**30,
+        "rss_gib_by_second": [r / 2**30 for r in rss[::10]],
         "wall_seconds": time.perf_counter() - started,
     }
 

@@ -20,7 +20,6 @@ from lrd_dist.errors import InputError
 from lrd_dist.train.preemption import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, PreemptionFlag
 
 log = logging.getLogger("lrd_dist")
-MODEL_COMMANDS = {"demo", "embed", "train", "export", "eval", "relations", "recommend"}
 
 
 def command_module(name: str):
@@ -53,10 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     for chatty in ("accelerate", "deepspeed", "DeepSpeed", "torch.distributed"):
         logging.getLogger(chatty).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    if args.command in MODEL_COMMANDS:  # (the others need no torch, which runtime imports)
-        from lrd_dist.runtime import limit_heap_fragmentation
-
-        limit_heap_fragmentation()
     completed = False
     try:
         command_module(args.command).run(args)

@@ -149,25 +149,40 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+TRIM_HEAP_ENV = "LRD_MALLOC_TRIM_STEPS"
+TRIM_HEAP_STEPS = 10
 
 
-def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
-    """Serve allocations of ``threshold`` bytes and more with their own mmap, returned to the system
-    when freed. glibc raises this threshold as large blocks are freed, after which the differently
-    sized buffers of a tuned encoder's steps (a gather of cached states is ~20-40 MB, its size set by
-    the step's longest item) fragment the heap: a top-1 LoRA run on Office grew 0.2 GiB per 10 steps
-    (2.7 -> 4.5 GiB in 80 steps) and held 1.9 GiB with the threshold fixed. False where not glibc."""
+def trim_heap_steps() -> int:
+    """Optimizer steps between returns of the heap's free pages to the system (``$LRD_MALLOC_TRIM_STEPS``,
+    default 10; 0: never). A tuned encoder allocates buffers of a new size each step (a gather of
+    cached states is ~20-40 MB, set by the step's longest item), so freed blocks rarely fit the next
+    request and the heap grows: a top-1 LoRA run on Office reached 5.6 GiB in 150 steps and kept
+    growing. Every 10 steps holds it at 4.5 GiB for 2% of the speed (2% on the frozen table too);
+    every step, 3.2 GiB for 33%. glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` (each large block its
+    own mapping, what lrd_dist did before) holds 2.6 GiB at half the speed: each step faults its
+    buffers in afresh (``benchmarks/heap_trim.py``, docs/performance.md). A process-level
+    setting, like the allocator it tunes, so it is an environment variable, not a config key."""
+    value = os.environ.get(TRIM_HEAP_ENV, str(TRIM_HEAP_STEPS))
+    if not value.isdigit():
+        raise InputError(
+            f"${TRIM_HEAP_ENV}", f"{value!r} is not a number of steps", "set a whole number (0: never trim)"
+        )
+    return int(value)
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``); False where the C
+    library is not glibc."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
         return False
+    return True
 
 
 def flush_denormals() -> None:

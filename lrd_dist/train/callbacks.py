@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from lrd_dist.errors import InputError
+from lrd_dist.runtime import trim_heap
 
 if TYPE_CHECKING:
     from lrd_dist.train.trainer import Trainer
@@ -142,6 +143,18 @@ class RefreshCatalogText:
     def on_step_end(self, trainer: Trainer) -> None:
         if trainer.state.step % self.every == 0:
             self.refresh(trainer)
+
+
+class TrimHeap:
+    """Give the heap's free pages back to the system every ``every`` optimizer steps (see
+    ``lrd_dist.runtime.trim_heap_steps`` for why and what it costs)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step % self.every == 0:
+            trim_heap()
 
 
 def load_callbacks(paths: list[str]) -> list[object]:

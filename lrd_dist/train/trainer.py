@@ -30,7 +30,7 @@ from lrd_dist.errors import InputError
 from lrd_dist.evaluation.evaluate import evaluate
 from lrd_dist.models import frozen_parameter_names, load_weights, weights_to_save
 from lrd_dist.run_dir import RunDir
-from lrd_dist.runtime import Backend, scoring_context
+from lrd_dist.runtime import Backend, scoring_context, trim_heap_steps
 from lrd_dist.train import callbacks as hooks
 from lrd_dist.train.checkpoint import (
     Checkpointer,
@@ -128,6 +128,8 @@ class Trainer:
             self.callbacks.append(hooks.KeepColdRows(self.core, built.cold, backend.deepspeed))
         if config.train.loss == "full_softmax" and self.core.reads_text and self.live_encoder:
             self.callbacks.append(hooks.RefreshCatalogText(config.train.catalog_refresh_steps))
+        if trim_every := trim_heap_steps():
+            self.callbacks.append(hooks.TrimHeap(trim_every))
         with backend.full_parameters(self.core, trainable_only=True):
             self.parameters = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
         log.info(
