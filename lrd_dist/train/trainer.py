@@ -67,6 +67,7 @@ def train(config: RunConfig, callbacks: list | None = None) -> dict:
 class Trainer:
     def __init__(self, config: RunConfig, callbacks: list | None = None) -> None:
         self.config = config
+        trim_every = trim_heap_steps()  # (an environment variable: checked before anything is built)
         self.run_dir = RunDir(config.train.out_dir)
         self.lock = self.run_dir.lock()
         self.callbacks = [
@@ -74,6 +75,7 @@ class Trainer:
             hooks.RelationAgreement(),
             *hooks.load_callbacks(config.train.callbacks),
             *(callbacks or []),
+            *([hooks.TrimHeap(trim_every)] if trim_every else []),
         ]
         self.state = TrainState()
         self.selection = ModelSelection(config.train.early_stop, config.train.patience)
@@ -128,8 +130,6 @@ class Trainer:
             self.callbacks.append(hooks.KeepColdRows(self.core, built.cold, backend.deepspeed))
         if config.train.loss == "full_softmax" and self.core.reads_text and self.live_encoder:
             self.callbacks.append(hooks.RefreshCatalogText(config.train.catalog_refresh_steps))
-        if trim_every := trim_heap_steps():
-            self.callbacks.append(hooks.TrimHeap(trim_every))
         with backend.full_parameters(self.core, trainable_only=True):
             self.parameters = sum(p.numel() for p in self.core.parameters() if p.requires_grad)
         log.info(
