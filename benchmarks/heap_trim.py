@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from tuned_encoder import FAST, _cpu, run  # noqa: E402
+from tuned_encoder import FAST, provenance, run  # noqa: E402
 
 TOP1 = ["llm.mode=lora", "llm.tune_layers=1", *FAST]
 MMAP = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -63,16 +61,7 @@ def main() -> int:
             result["samples_per_s_last_tenth"] = statistics.median(rates[-max(1, len(rates) // 10) :])
             results[name] = result
             print(f"{name}: {result['samples_per_s']:.0f} samples/s", flush=True)
-    report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-        "threads": args.threads,
-        "steps": args.steps,
-        "cpu": _cpu(),
-        "settings": results,
-    }
+    report = {**provenance(args.threads), "steps": args.steps, "settings": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     bases = {"frozen": results["frozen table, no trim"], "top1": results["no trim (glibc default)"]}

@@ -123,12 +123,7 @@ def main() -> int:
     ]
     frozen = results.get("frozen MiniLM table", {}).get("samples_per_s")
     report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-        "threads": args.threads,
-        "cpu": _cpu(),
+        **provenance(args.threads),
         "settings": results,
         "trunk_caches": builds,
     }
@@ -144,6 +139,14 @@ def main() -> int:
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print(f"\nwrote {args.out}")
     return 0
+
+
+def provenance(threads: int) -> dict:
+    """Date, commit (``-dirty`` when the working tree differs from it), threads and CPU of a run."""
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return {"date": time.strftime("%Y-%m-%d"), "commit": commit, "threads": threads, "cpu": _cpu()}
 
 
 def _cpu() -> str:
