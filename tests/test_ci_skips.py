@@ -36,3 +36,15 @@ def test_a_skip_fails_under_ci_and_is_reported_elsewhere(tmp_path: Path) -> None
     assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout
     ci = _run(tmp_path, ci=True)
     assert ci.returncode == 1 and "skipped under CI=true" in ci.stdout, ci.stdout
+
+
+def test_an_allowed_name_skipping_for_another_reason_still_fails_under_ci(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import pytest_runtest_makereport  # noqa: F401\n"
+    )
+    (tmp_path / "test_office_probe.py").write_text(
+        "import pytest\n\n\ndef test_office_needs_a_package():\n"
+        "    pytest.importorskip('no_such_package_here')\n"
+    )
+    ci = _run(tmp_path, ci=True)
+    assert ci.returncode == 1 and "skipped under CI=true" in ci.stdout, ci.stdout
