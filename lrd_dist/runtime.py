@@ -8,6 +8,7 @@ constructor arguments or are wrapped from here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -174,15 +175,23 @@ def trim_heap_steps() -> int:
 def trim_heap() -> bool:
     """Return the heap's free pages to the system (glibc's ``malloc_trim``); False where the C
     library is not glibc."""
+    malloc_trim = _malloc_trim()
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, looked up once: ``find_library`` runs ``ldconfig`` each call."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError, TypeError):
-        return False
-    return True
+        return None
 
 
 def flush_denormals() -> None:
