@@ -631,6 +631,115 @@ def goal_lines(by_setting: dict[str, list[dict]]) -> list[str]:
     ]
 
 
+# Text where the recommender scores: each setting's (model, item vector, item encoder) and the frozen
+# ID setting it is stated against (None: it is that reference). All under the sampled softmax over 8.
+TEXT_ROWS: dict[str, tuple[str, str, str, str | None]] = {
+    "kda_sampled_softmax8": ("KDA", "id", "–", None),
+    "kda_softmax8_id_text": ("KDA", "id+text", "frozen", "kda_sampled_softmax8"),
+    "kda_softmax8_id_text_top1_lora": ("KDA", "id+text", "top-1 LoRA", "kda_sampled_softmax8"),
+    "kda_softmax8_text": ("KDA", "text", "frozen", "kda_sampled_softmax8"),
+    "kda_lrd_sampled_softmax8": ("KDA+LRD", "id", "frozen (q only)", None),
+    "kda_lrd_softmax8_top1_lora": ("KDA+LRD", "id", "top-1 LoRA (q only)", "kda_lrd_sampled_softmax8"),
+    "kda_lrd_softmax8_id_text": ("KDA+LRD", "id+text", "frozen", "kda_lrd_sampled_softmax8"),
+    "kda_lrd_softmax8_id_text_top1_lora": (
+        "KDA+LRD",
+        "id+text",
+        "top-1 LoRA",
+        "kda_lrd_sampled_softmax8",
+    ),
+    "sasrec_softmax8": ("SASRec", "id", "–", None),
+    "sasrec_softmax8_id_text": ("SASRec", "id+text", "frozen", "sasrec_softmax8"),
+    "sasrec_softmax8_id_text_top1_lora": ("SASRec", "id+text", "top-1 LoRA", "sasrec_softmax8"),
+}
+
+
+def text_lines(by_setting: dict[str, list[dict]]) -> list[str]:
+    """Text where the recommender scores, stated from the finished runs: each text-reading or tuned
+    setting against its frozen ID setting, by 99 sampled negatives and by full ranking, with the
+    verdict the comparison allows: beyond the seed spread (the larger sample std of the two rows,
+    from the rows with two or more seeds) higher or lower, within it, or no spread yet (one seed
+    each). On a cold-start split (entries with ``cold/`` metrics) a second table gives warm- and
+    cold-target NDCG@10 of every setting, the cold figures beside their chance level."""
+    present = [name for name in TEXT_ROWS if by_setting.get(name)]
+    if not any(TEXT_ROWS[name][3] for name in present):
+        return []
+
+    def ndcg(run: dict, protocol: str, group: str = "") -> float:
+        metrics = run["test"] if protocol == "sampled" else run["full_ranking"]["test"]
+        return metrics[f"{group}NDCG@10"]
+
+    lines = [
+        "",
+        "Text where the recommender scores: each setting against the same model with ID item vectors "
+        "and the frozen table (sampled softmax over 8 negatives; test NDCG@10; spread: the larger "
+        "sample std of the two rows):",
+        "",
+        "| model | item vector | item encoder | seeds | sampled | full ranking | hours per run "
+        "| against | difference sampled / full | spread sampled / full | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in present:
+        model, vector, encoder, reference = TEXT_ROWS[name]
+        runs = by_setting[name]
+        cells = [
+            model,
+            vector,
+            encoder,
+            str(len(runs)),
+            mean_std([ndcg(r, "sampled") for r in runs]),
+            mean_std([ndcg(r, "full") for r in runs]),
+            ", ".join(run_hours(r) for r in runs),
+        ]
+        base = by_setting.get(reference, []) if reference else []
+        if not reference:
+            cells += ["(reference)", "–", "–", "–"]
+        elif not base:
+            cells += [f"{TEXT_ROWS[reference][0]} id: not trained", "–", "–", "–"]
+        else:
+            diffs, spreads = [], []
+            for protocol in ("sampled", "full"):
+                x, y = [ndcg(r, protocol) for r in runs], [ndcg(r, protocol) for r in base]
+                diffs.append(statistics.mean(x) - statistics.mean(y))
+                stds = [statistics.stdev(v) for v in (x, y) if len(v) > 1]
+                spreads.append(max(stds) if stds else None)
+            cells += [
+                f"{TEXT_ROWS[reference][0]} id ({seeds(len(base))})",
+                " / ".join(f"{d:+.4f}" for d in diffs),
+                " / ".join("–" if s is None else f"{s:.4f}" for s in spreads),
+                " / ".join(verdict(d, s) for d, s in zip(diffs, spreads, strict=True)),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    cold = [name for name in present if "cold/NDCG@10" in by_setting[name][0]["test"]]
+    if cold:
+        lines += [
+            "",
+            "Warm and cold targets (cold: items held out of training; chance: a uniformly random "
+            "ranking of the same candidates; test NDCG@10, mean over seeds):",
+            "",
+            "| model | item vector | item encoder | seeds | warm sampled | cold sampled | cold chance "
+            "sampled | warm full | cold full | cold chance full |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in cold:
+            runs = by_setting[name]
+            cells = [*TEXT_ROWS[name][:3], str(len(runs))]
+            for protocol in ("sampled", "full"):
+                cells += [
+                    f"{statistics.mean(ndcg(r, protocol, group) for r in runs):.4f}"
+                    for group in ("warm/", "cold/", "cold/chance/")
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdict(difference: float, spread: float | None) -> str:
+    if spread is None:
+        return "no spread yet"
+    if abs(difference) <= spread:
+        return "within"
+    return "higher" if difference > 0 else "lower"
+
+
 def plot_dev_curves(by_setting: dict[str, list[dict]], path: Path) -> None:
     """Dev NDCG@5 against epoch, one panel per setting of the table and per probe that has runs, on
     a grid of three columns sharing the y axis."""
@@ -687,6 +796,7 @@ def write_report(table: dict, out: Path, runs: Path) -> None:
         ]
         lines += [*HEADER, *probes]
     lines += goal_lines(by_setting)
+    lines += text_lines(by_setting)
     runs.mkdir(parents=True, exist_ok=True)
     (runs / "office.md").write_text("\n".join(lines) + "\n")
 

@@ -171,3 +171,36 @@ def test_a_stop_signal_checkpoints_the_run_in_flight_records_it_and_starts_no_ot
     (*_, checkpoint) = complete_checkpoints(runs / "sasrec" / "seed0" / "checkpoints")
     assert int(checkpoint.name.split("-")[1]) >= last_step  # written where it stopped
     assert not (runs / "sasrec" / "seed1").exists()  # the next run never started
+
+
+def test_text_rows_are_stated_against_their_frozen_id_model_whichever_way_they_go() -> None:
+    def setting(model: str, ndcgs: list[float]) -> list[dict]:
+        return [_entry(model, seed, ndcg) for seed, ndcg in enumerate(ndcgs)]
+
+    by_setting = {name: [] for name in runner.SETTINGS}
+    assert runner.text_lines(by_setting) == []  # nothing to compare: nothing said
+    by_setting["kda_sampled_softmax8"] = setting("kda_sampled_softmax8", [0.37, 0.38, 0.39])  # std 0.01
+    by_setting["kda_softmax8_id_text"] = setting("kda_softmax8_id_text", [0.41])  # +0.03: beyond
+    by_setting["kda_softmax8_text"] = setting("kda_softmax8_text", [0.375])  # -0.005: within
+    by_setting["sasrec_softmax8_id_text"] = setting("sasrec_softmax8_id_text", [0.30])  # no reference run
+    lines = [line for line in runner.text_lines(by_setting) if line.startswith(("| KDA |", "| SASRec |"))]
+    rows = {"/".join(cell.strip() for cell in line.split("|")[2:0:-1]): line for line in lines}
+    assert rows["id/KDA"].endswith("| (reference) | – | – | – |")
+    assert "| +0.0300 / +0.0060 | 0.0100 / 0.0020 | higher / higher |" in rows["id+text/KDA"]
+    assert "| -0.0050 / -0.0010 | 0.0100 / 0.0020 | within / within |" in rows["text/KDA"]
+    assert "| SASRec id: not trained |" in rows["id+text/SASRec"]
+    # one seed on both sides has no spread to judge by
+    by_setting["sasrec_softmax8"] = setting("sasrec_softmax8", [0.28])
+    (sasrec,) = (line for line in runner.text_lines(by_setting) if "| SASRec | id+text |" in line)
+    assert sasrec.endswith("| +0.0200 / +0.0040 | – / – | no spread yet / no spread yet |")
+
+
+def test_a_cold_start_table_gives_warm_and_cold_targets_beside_chance() -> None:
+    entry = _entry("kda_softmax8_text", 0, 0.30)
+    groups = {"warm/NDCG@10": 0.32, "cold/NDCG@10": 0.21, "cold/chance/NDCG@10": 0.19}
+    entry["test"] |= groups
+    entry["full_ranking"]["test"] |= {key: value / 10 for key, value in groups.items()}
+    by_setting = {name: [] for name in runner.SETTINGS} | {"kda_softmax8_text": [entry]}
+    lines = runner.text_lines(by_setting)
+    (row,) = (line for line in lines if line.count("|") == 11 and "| KDA | text |" in line)
+    assert row.endswith("| 1 | 0.3200 | 0.2100 | 0.1900 | 0.0320 | 0.0210 | 0.0190 |")
