@@ -43,6 +43,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         )
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """The same rule for a skip at import time (``pytest.importorskip`` or ``pytest.skip(...,
+    allow_module_level=True)`` at module level), which never reaches ``pytest_runtest_makereport``."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"module skipped under CI=true ({reason}): CI runs every test; install what it needs"
+        )
+
+
 def write_rechorus(directory: Path, *, name: str = "Toy") -> Path:
     """A tiny dataset in the ReChorus/LRD layout: 4 users, 6 items, 3 negatives per dev/test row."""
     directory.mkdir(parents=True, exist_ok=True)

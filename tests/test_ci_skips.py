@@ -48,3 +48,16 @@ def test_an_allowed_name_skipping_for_another_reason_still_fails_under_ci(tmp_pa
     )
     ci = _run(tmp_path, ci=True)
     assert ci.returncode == 1 and "skipped under CI=true" in ci.stdout, ci.stdout
+
+
+def test_a_module_skipped_at_import_fails_under_ci(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import pytest_make_collect_report  # noqa: F401\n"
+    )
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n\npytest.importorskip('no_such_package_here')\n\n\ndef test_x():\n    pass\n"
+    )
+    local = _run(tmp_path, ci=False)  # exit 5 there: the skipped module leaves no test
+    assert "1 skipped" in local.stdout and "failed" not in local.stdout, local.stdout
+    ci = _run(tmp_path, ci=True)
+    assert ci.returncode != 0 and "module skipped under CI=true" in ci.stdout, ci.stdout
