@@ -33,9 +33,10 @@ ALLOWED_CI_SKIPS = {
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    allowed = any(fnmatch.fnmatch(item.nodeid, p) and why in reason for p, why in ALLOWED_CI_SKIPS.items())
-    if IN_CI and report.skipped and not allowed:
+    if not (IN_CI and report.skipped):
+        return
+    reason = _skip_reason(report)
+    if not any(fnmatch.fnmatch(item.nodeid, p) and why in reason for p, why in ALLOWED_CI_SKIPS.items()):
         report.outcome = "failed"
         report.longrepr = (
             f"skipped under CI=true ({reason}): CI runs every test; install what it needs, or add it "
@@ -50,11 +51,15 @@ def pytest_make_collect_report(collector: pytest.Collector):
     outcome = yield
     report = outcome.get_result()
     if IN_CI and report.skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
+        reason = _skip_reason(report)
         report.longrepr = (
             f"module skipped under CI=true ({reason}): CI runs every test; install what it needs"
         )
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
 
 
 def write_rechorus(directory: Path, *, name: str = "Toy") -> Path:
