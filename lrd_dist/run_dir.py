@@ -222,8 +222,9 @@ def load_weights_file(built: DatasetAndModel, weights: Path, config_source: str 
     if misfit:
         raise InputError(
             weights,
-            f"does not fit the model of {config_source} ({', '.join(misfit)})",
-            "use the config the weights were trained with",
+            f"does not fit the model built from {config_source} and the data at {built.data_dir}"
+            f" ({'; '.join(misfit)})",
+            "use the config and the data (data.dir=DIR) the weights were trained with",
         )
 
 

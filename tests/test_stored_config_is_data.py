@@ -44,8 +44,11 @@ def _hostile(tree: dict, marker: Path, data: Path) -> dict:
 
 
 def test_every_command_reads_a_stored_config_as_data(
-    trained: Path, synth_with_embeddings: Path, tmp_path: Path, caplog
+    trained: Path, synth_with_embeddings: Path, tmp_path: Path, caplog, monkeypatch
 ) -> None:
+    # from an empty directory: a dropped data.dir falls back to the default `runs/demo/data`, which
+    # the README's demo creates in the checkout (another catalog, so a weight file would not fit)
+    monkeypatch.chdir(tmp_path)
     marker, data = tmp_path / "pwned", synth_with_embeddings
     run = tmp_path / "hostile_run"
     shutil.copytree(trained, run)

@@ -20,7 +20,16 @@ def weights_to_save(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
     """Load a weight file into ``model``; only frozen weights may be absent. Returns what does not
-    fit (empty when it loaded)."""
+    fit (empty when it loaded). A tensor of another shape (weights trained on another catalog or
+    user set) is reported rather than raised, so the caller can name the file and the data."""
+    own = model.state_dict()
+    shapes = [
+        f"{name} is {list(tensor.shape)} in the file, {list(own[name].shape)} in the model"
+        for name, tensor in weights.items()
+        if name in own and own[name].shape != tensor.shape
+    ]
+    if shapes:
+        return shapes[:3]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in frozen_parameter_names(model)]
     return [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]

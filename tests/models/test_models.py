@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrd_dist.models import slot_attention
+from lrd_dist.models import load_weights, slot_attention
 from lrd_dist.models.lrd import LatentRelationDiscovery
 from lrd_dist.models.recommender import Recommender
 from lrd_dist.models.relational import RelationalRecommender, TemporalKernel
@@ -228,3 +228,16 @@ def test_recommendation_losses_equal_their_definitions() -> None:
     )
     full = Recommender(sasrec, loss="full_softmax").recommendation_loss(batch, negatives)
     torch.testing.assert_close(full, F.cross_entropy(every[kept, 1:], batch["target"][kept] - 1))
+
+
+def test_weights_of_another_catalog_are_reported_not_raised() -> None:
+    """Weights trained on another catalog or user set: the caller gets the shapes to name in its
+    error (the file, the data), not torch's RuntimeError; fitting weights load."""
+    model = toy_relational(False)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in weights.items() if v.dim() == 2)
+    wrong = dict(weights, **{name: torch.zeros(weights[name].shape[0] + 5, weights[name].shape[1])})
+    misfit = load_weights(model, wrong)
+    assert len(misfit) == 1 and misfit[0].startswith(f"{name} is [{weights[name].shape[0] + 5},")
+    assert not torch.equal(model.state_dict()[name], wrong[name][: weights[name].shape[0]])
+    assert load_weights(model, weights) == []
