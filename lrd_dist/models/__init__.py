@@ -31,5 +31,6 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str
     if shapes:
         return shapes[:3]
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in frozen_parameter_names(model)]
+    frozen = frozen_parameter_names(model)
+    missing = [k for k in missing if k not in frozen]
     return [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
